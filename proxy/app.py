@@ -1,0 +1,170 @@
+"""Wiring only: build every component from the Config and hang them on the Application."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from .breaker import CircuitBreaker
+from .clock import Clock, SystemClock
+from .config import Config
+from .directory import Directory
+from .forward import McpProxy
+from .keys import KeySpace
+from .quota.engine import QuotaEngine
+from .quota.storage import QuotaStorage
+from .replies import not_found
+from .sessions import Sessions
+from .settle import Settler
+from .store import StoreClients, StoreGuard, connect
+from .tasks import TaskSet
+from .tenants import TenantStore
+from .usage.sink import MemorySink, UsageSink
+
+log = structlog.get_logger(__name__)
+
+REAP_INTERVAL_S = 5.0
+
+
+@dataclass(slots=True)
+class Components:
+    config: Config
+    clock: Clock
+    stores: StoreClients
+    keys: KeySpace
+    guard: StoreGuard
+    tenants: TenantStore
+    directory: Directory
+    engine: QuotaEngine
+    storage: QuotaStorage
+    sessions: Sessions
+    sink: UsageSink
+    tasks: TaskSet
+    pepper: str
+    proxy: McpProxy | None = None
+
+
+COMPONENTS = web.AppKey("components", Components)
+
+
+def build_components(
+    config: Config,
+    *,
+    clock: Clock | None = None,
+    sink: UsageSink | None = None,
+    stores: StoreClients | None = None,
+) -> Components:
+    clock = clock or SystemClock()
+    stores = stores or connect(config.redis)
+    keys = KeySpace(config.redis.key_prefix)
+    # The embedded store forgets everything at exit, so an ephemeral pepper is safe there.
+    pepper = config.auth.pepper or secrets.token_urlsafe(32)
+    guard = StoreGuard(
+        CircuitBreaker(
+            config.redis.breaker_failures, config.redis.breaker_cooldown_s, clock.monotonic
+        ),
+        timeout=config.redis.timeout_ms / 1000,
+    )
+    storage = QuotaStorage(stores.main, keys)
+    engine = QuotaEngine(
+        storage,
+        guard,
+        clock,
+        fail_open=config.redis.fail_mode == "open",
+        reservation_ttl_s=config.redis.reservation_ttl_s,
+    )
+    sink = sink or MemorySink()
+    return Components(
+        config=config,
+        clock=clock,
+        stores=stores,
+        keys=keys,
+        guard=guard,
+        tenants=TenantStore(stores.main, keys, pepper, config.auth.key_prefix),
+        directory=Directory(stores.main, stores.listener, keys, pepper, guard),
+        engine=engine,
+        storage=storage,
+        sessions=Sessions(stores.main, keys, guard),
+        sink=sink,
+        tasks=TaskSet(),
+        pepper=pepper,
+    )
+
+
+def create_app(components: Components) -> web.Application:
+    config = components.config
+    # Leave headroom over the body limit so aiohttp's own check never pre-empts our 413.
+    app = web.Application(client_max_size=config.proxy.max_body_bytes)
+    app[COMPONENTS] = components
+    app.cleanup_ctx.append(_lifecycle)
+    for path in config.upstream.mcp_paths:
+        app.router.add_route("*", path, _mcp)
+    app.router.add_get("/healthz", _healthz)
+    for prefix in ("/.well-known/", "/register"):
+        # Clients probing for OAuth get a JSON 404, not an HTML page they cannot parse.
+        app.router.add_route(
+            "*", prefix + "{tail:.*}" if prefix.endswith("/") else prefix, _not_found
+        )
+    return app
+
+
+async def _mcp(request: web.Request) -> web.StreamResponse:
+    proxy = request.app[COMPONENTS].proxy
+    assert proxy is not None, "the app is not started"
+    return await proxy.handle(request)
+
+
+async def _not_found(_: web.Request) -> web.Response:
+    return not_found()
+
+
+async def _healthz(_: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    c = app[COMPONENTS]
+    http = aiohttp.ClientSession(
+        auto_decompress=False,  # forward bytes untouched
+        # No total timeout: SSE streams and long tool calls run as long as the upstream wants.
+        timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=c.config.upstream.connect_timeout_s, sock_read=None
+        ),
+        connector=aiohttp.TCPConnector(limit=0),  # each open SSE stream holds a connection
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+    )
+    c.proxy = McpProxy(
+        c.config,
+        http,
+        c.directory,
+        c.sessions,
+        Settler(c.engine, c.sink, c.clock, bill_tool_errors=c.config.proxy.bill_tool_errors),
+        c.engine,
+        c.clock,
+        c.tasks,
+    )
+    await c.directory.start()
+    reaper = asyncio.create_task(_reap_forever(c.proxy), name="reap-deferred")
+    try:
+        yield
+    finally:
+        reaper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reaper
+        await c.tasks.drain()
+        await c.directory.stop()
+        await http.close()
+        await c.stores.close()
+
+
+async def _reap_forever(proxy: McpProxy) -> None:
+    while True:
+        await asyncio.sleep(REAP_INTERVAL_S)
+        await proxy.reap_deferred()

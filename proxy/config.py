@@ -1,0 +1,418 @@
+"""One frozen, validated configuration from config.yaml plus the environment.
+
+This is the only module that reads ``os.environ``. Every validation error names the key's
+path and what would be valid, so an operator can fix the file without reading code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+ENV_REDIS_URL = "REDIS_URL"
+ENV_PEPPER = "MQP_KEY_PEPPER"
+ENV_STRIPE_SECRET_KEY = "STRIPE_SECRET_KEY"
+ENV_STRIPE_WEBHOOK_SECRET = "STRIPE_WEBHOOK_SECRET"
+ENV_STRIPE_API_BASE = "STRIPE_API_BASE"
+MEMORY_URL = "memory://"
+MIN_PEPPER_LEN = 16
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True, slots=True)
+class RatePolicy:
+    per_second: float
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    name: str
+    included_units: int | None  # None: unlimited
+    overage: Literal["block", "bill"]
+    hard_cap: int | None
+    rate: RatePolicy | None
+    tool_weights: Mapping[str, int]
+    hidden_tools: frozenset[str]
+    billed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    url: str = "http://127.0.0.1:8000"
+    mcp_paths: tuple[str, ...] = ("/mcp",)
+    connect_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    max_body_bytes: int = 4 * 1024 * 1024
+    allowed_origins: tuple[str, ...] = ()
+    tenant_header: str = "X-MCP-Tenant"
+    refusal_mode: Literal["tool_error", "jsonrpc_error"] = "tool_error"
+    upgrade_url: str = ""
+    bill_tool_errors: bool = False
+    resume_grace_s: float = 300.0
+    gated_methods: Mapping[str, int] = field(default_factory=lambda: {"tools/call": 1})
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    url: str = MEMORY_URL
+    key_prefix: str = "mqp"
+    timeout_ms: int = 250
+    breaker_failures: int = 3
+    breaker_cooldown_s: float = 5.0
+    fail_mode: Literal["open", "closed"] = "open"
+    reservation_ttl_s: int = 3600
+
+    @property
+    def embedded(self) -> bool:
+        return self.url == MEMORY_URL
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    key_prefix: str = "mqp_"
+    pepper: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: ListenConfig
+    upstream: UpstreamConfig
+    proxy: ProxyConfig
+    redis: RedisConfig
+    auth: AuthConfig
+    plans: Mapping[str, Plan]
+    default_plan: str
+    log_level: str = "info"
+
+    def plan(self, name: str) -> Plan:
+        """The named plan, or the default plan when a tenant names one that no longer exists."""
+        return self.plans.get(name) or self.plans[self.default_plan]
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+class _Reader:
+    """Typed access to one YAML mapping, remembering the dotted path for error messages."""
+
+    def __init__(self, data: Mapping[str, Any], path: str, known: set[str]) -> None:
+        self._data = data
+        self._path = path
+        unknown = sorted(set(data) - known)
+        if unknown:
+            valid = ", ".join(sorted(known))
+            raise ConfigError(f"{self._key(unknown[0])}: unknown key; valid keys here are {valid}")
+
+    def _key(self, key: str) -> str:
+        return f"{self._path}.{key}" if self._path else key
+
+    def section(self, key: str, known: set[str]) -> _Reader:
+        value = self._data.get(key, {})
+        if value is None:
+            value = {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{self._key(key)}: expected a mapping, got {type(value).__name__}")
+        return _Reader(value, self._key(key), known)
+
+    def raw(self, key: str, default: Any) -> Any:
+        return self._data.get(key, default)
+
+    def string(self, key: str, default: str) -> str:
+        value = self._data.get(key, default)
+        if not isinstance(value, str):
+            raise ConfigError(f"{self._key(key)}: expected a string, got {value!r}")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._data.get(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self._key(key)}: expected true or false, got {value!r}")
+        return value
+
+    def integer(self, key: str, default: int | None, *, minimum: int = 0) -> int | None:
+        value = self._data.get(key, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(
+                f"{self._key(key)}: expected a whole number >= {minimum}, got {value!r}"
+            )
+        return value
+
+    def required_int(self, key: str, default: int, *, minimum: int = 0) -> int:
+        value = self.integer(key, default, minimum=minimum)
+        if value is None:
+            raise ConfigError(f"{self._key(key)}: must be set (a whole number >= {minimum})")
+        return value
+
+    def number(self, key: str, default: float, *, minimum: float = 0.0) -> float:
+        value = self._data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+            raise ConfigError(f"{self._key(key)}: expected a number >= {minimum}, got {value!r}")
+        return float(value)
+
+    def choice(self, key: str, default: str, options: tuple[str, ...]) -> str:
+        value = self._data.get(key, default)
+        if value not in options:
+            raise ConfigError(
+                f"{self._key(key)}: expected one of {', '.join(options)}, got {value!r}"
+            )
+        return str(value)
+
+    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self._data.get(key, list(default))
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{self._key(key)}: expected a list of strings, got {value!r}")
+        return tuple(value)
+
+    def weights(self, key: str, default: Mapping[str, int]) -> dict[str, int]:
+        value = self._data.get(key, dict(default))
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{self._key(key)}: expected a mapping of name to whole number")
+        out: dict[str, int] = {}
+        for name, weight in value.items():
+            if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
+                raise ConfigError(
+                    f"{self._key(key)}.{name}: expected a whole number >= 1, got {weight!r}"
+                )
+            out[str(name)] = weight
+        return out
+
+
+_PLAN_KEYS = {
+    "included_units",
+    "overage",
+    "hard_cap",
+    "rate",
+    "tool_weights",
+    "hidden_tools",
+    "billed",
+}
+
+
+def _plan(name: str, reader: _Reader) -> Plan:
+    rate_raw = reader.raw("rate", None)
+    rate: RatePolicy | None = None
+    if rate_raw is not None:
+        r = reader.section("rate", {"per_second", "burst"})
+        per_second = r.number("per_second", 0.0)
+        if per_second <= 0:
+            raise ConfigError(f"plans.{name}.rate.per_second: expected a number > 0")
+        rate = RatePolicy(
+            per_second=per_second,
+            burst=r.required_int("burst", max(1, int(per_second)), minimum=1),
+        )
+    included = reader.integer("included_units", None)
+    hard_cap = reader.integer("hard_cap", None)
+    overage = reader.choice("overage", "block", ("block", "bill"))
+    if included is not None and hard_cap is not None and hard_cap < included:
+        raise ConfigError(
+            f"plans.{name}.hard_cap: must be >= included_units ({included}), got {hard_cap}"
+        )
+    return Plan(
+        name=name,
+        included_units=included,
+        overage="bill" if overage == "bill" else "block",
+        hard_cap=hard_cap,
+        rate=rate,
+        tool_weights=reader.weights("tool_weights", {}),
+        hidden_tools=frozenset(reader.strings("hidden_tools", ())),
+        billed=reader.boolean("billed", True),
+    )
+
+
+def _url_like(value: str, key: str, schemes: tuple[str, ...]) -> str:
+    if not value.startswith(tuple(f"{s}://" for s in schemes)):
+        raise ConfigError(
+            f"{key}: expected a URL starting with {' or '.join(schemes)}://, got {value!r}"
+        )
+    return value
+
+
+_DEFAULT_PLANS: dict[str, Any] = {
+    "free": {"included_units": 100, "overage": "block", "rate": {"per_second": 5, "burst": 10}},
+}
+
+
+def parse_config(data: Mapping[str, Any] | None, env: Mapping[str, str]) -> Config:
+    """Validate a parsed YAML document plus environment into a Config (pure)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError("config: the top level must be a mapping of sections")
+    top = _Reader(
+        data,
+        "",
+        {"listen", "upstream", "proxy", "redis", "auth", "plans", "default_plan", "log_level"},
+    )
+
+    lr = top.section("listen", {"host", "port"})
+    listen = ListenConfig(
+        host=lr.string("host", "127.0.0.1"),
+        port=lr.required_int("port", 8080, minimum=0),
+    )
+
+    ur = top.section("upstream", {"url", "mcp_paths", "connect_timeout_s"})
+    paths = ur.strings("mcp_paths", ("/mcp",))
+    for p in paths:
+        if not p.startswith("/"):
+            raise ConfigError(f"upstream.mcp_paths: each path must start with '/', got {p!r}")
+    if not paths:
+        raise ConfigError("upstream.mcp_paths: list at least one path, e.g. [/mcp]")
+    upstream = UpstreamConfig(
+        url=_url_like(
+            ur.string("url", "http://127.0.0.1:8000"), "upstream.url", ("http", "https")
+        ).rstrip("/"),
+        mcp_paths=paths,
+        connect_timeout_s=ur.number("connect_timeout_s", 10.0),
+    )
+
+    pr = top.section(
+        "proxy",
+        {
+            "max_body_bytes",
+            "allowed_origins",
+            "tenant_header",
+            "refusal_mode",
+            "upgrade_url",
+            "bill_tool_errors",
+            "resume_grace_s",
+            "gated_methods",
+        },
+    )
+    gated = pr.weights("gated_methods", {"tools/call": 1})
+    proxy = ProxyConfig(
+        max_body_bytes=pr.required_int("max_body_bytes", 4 * 1024 * 1024, minimum=1024),
+        allowed_origins=pr.strings("allowed_origins", ()),
+        tenant_header=pr.string("tenant_header", "X-MCP-Tenant"),
+        refusal_mode="jsonrpc_error"
+        if pr.choice("refusal_mode", "tool_error", ("tool_error", "jsonrpc_error"))
+        == "jsonrpc_error"
+        else "tool_error",
+        upgrade_url=pr.string("upgrade_url", ""),
+        bill_tool_errors=pr.boolean("bill_tool_errors", False),
+        resume_grace_s=pr.number("resume_grace_s", 300.0),
+        gated_methods=gated,
+    )
+
+    rr = top.section(
+        "redis",
+        {
+            "url",
+            "key_prefix",
+            "timeout_ms",
+            "breaker_failures",
+            "breaker_cooldown_s",
+            "fail_mode",
+            "reservation_ttl_s",
+        },
+    )
+    redis_url = env.get(ENV_REDIS_URL) or rr.string("url", MEMORY_URL)
+    if redis_url != MEMORY_URL:
+        _url_like(redis_url, "redis.url (or REDIS_URL)", ("redis", "rediss", "unix"))
+    redis = RedisConfig(
+        url=redis_url,
+        key_prefix=rr.string("key_prefix", "mqp"),
+        timeout_ms=rr.required_int("timeout_ms", 250, minimum=1),
+        breaker_failures=rr.required_int("breaker_failures", 3, minimum=1),
+        breaker_cooldown_s=rr.number("breaker_cooldown_s", 5.0),
+        fail_mode="closed"
+        if rr.choice("fail_mode", "open", ("open", "closed")) == "closed"
+        else "open",
+        reservation_ttl_s=rr.required_int("reservation_ttl_s", 3600, minimum=60),
+    )
+    if not redis.key_prefix or "{" in redis.key_prefix or "}" in redis.key_prefix:
+        raise ConfigError("redis.key_prefix: must be non-empty and contain no braces")
+
+    ar = top.section("auth", {"key_prefix"})
+    pepper = env.get(ENV_PEPPER, "")
+    if pepper and len(pepper) < MIN_PEPPER_LEN:
+        raise ConfigError(
+            f"{ENV_PEPPER}: the key-hashing pepper must be at least {MIN_PEPPER_LEN} characters; "
+            "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    if not pepper and not redis.embedded:
+        raise ConfigError(
+            f"{ENV_PEPPER}: must be set when Redis is shared, so API-key hashes stay valid across "
+            "restarts and replicas; generate one with: "
+            "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    key_prefix = ar.string("key_prefix", "mqp_")
+    if not re.fullmatch(r"[A-Za-z0-9_]{1,16}", key_prefix):
+        raise ConfigError(
+            "auth.key_prefix: expected 1-16 letters, digits or underscores, e.g. mqp_"
+        )
+    auth = AuthConfig(key_prefix=key_prefix, pepper=pepper)
+
+    plans_raw = top.raw("plans", _DEFAULT_PLANS)
+    if not isinstance(plans_raw, Mapping) or not plans_raw:
+        raise ConfigError(
+            "plans: expected a mapping of plan name to plan settings, with at least one plan"
+        )
+    plans_reader = _Reader(plans_raw, "plans", set(plans_raw))
+    plans = {
+        str(name): _plan(str(name), plans_reader.section(str(name), _PLAN_KEYS))
+        for name in plans_raw
+    }
+    default_plan = top.string("default_plan", next(iter(plans)))
+    if default_plan not in plans:
+        raise ConfigError(
+            f"default_plan: {default_plan!r} is not a plan; defined plans are {', '.join(plans)}"
+        )
+    log_level = top.choice("log_level", "info", ("debug", "info", "warning", "error"))
+    return Config(
+        listen=listen,
+        upstream=upstream,
+        proxy=proxy,
+        redis=redis,
+        auth=auth,
+        plans=plans,
+        default_plan=default_plan,
+        log_level=log_level,
+    )
+
+
+def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -> Config:
+    """Read config.yaml (or embedded defaults when ``path`` is None) plus the environment."""
+    environ = os.environ if env is None else env
+    data: Any = None
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(
+                f"{p}: config file not found; pass --config PATH or create it"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(f"{p}: cannot read config file: {exc.strerror}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{p}: not valid YAML{where}") from None
+    return parse_config(data, environ)

@@ -1,0 +1,408 @@
+"""The MCP endpoint: authenticate, gate, then stream the upstream's answer back untouched,
+settling each gated call from its final response on the way through."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from .auth import extract_key
+from .clock import Clock
+from .config import Config
+from .directory import Directory
+from .gate import GateResult, gate
+from .headers import downstream_response_headers, origin_allowed, upstream_request_headers
+from .jsonrpc import (
+    INVALID_REQUEST,
+    ORIGIN_FORBIDDEN,
+    PAYLOAD_TOO_LARGE,
+    SESSION_FORBIDDEN,
+    STORE_UNAVAILABLE,
+    UNAUTHORIZED,
+    UPSTREAM_UNAVAILABLE,
+    Body,
+    RpcError,
+    RpcId,
+    dumps,
+    is_modern,
+    is_request,
+    parse_body,
+)
+from .jsonrpc import error as rpc_error
+from .replies import cors_headers, json_reply, preflight, rpc_error_reply, unauthorized
+from .sessions import Sessions
+from .settle import PendingCall, Settler
+from .sse import SSEEvent, SSEParser
+from .store import StoreUnavailable
+from .tasks import TaskSet
+from .tenants import Tenant
+
+log = structlog.get_logger(__name__)
+
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+MAX_METERED_JSON = 64 * 1024 * 1024
+
+
+class McpProxy:
+    def __init__(
+        self,
+        cfg: Config,
+        http: aiohttp.ClientSession,
+        directory: Directory,
+        sessions: Sessions,
+        settler: Settler,
+        engine: Any,
+        clock: Clock,
+        tasks: TaskSet,
+    ) -> None:
+        self._cfg = cfg
+        self._http = http
+        self._directory = directory
+        self._sessions = sessions
+        self._settler = settler
+        self._engine = engine
+        self._clock = clock
+        self._tasks = tasks
+
+    # --- the request path -----------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if not origin_allowed(origin, self._cfg.proxy.allowed_origins):
+            return rpc_error_reply(
+                403,
+                ORIGIN_FORBIDDEN,
+                f"Origin {origin!r} is not allowed; the operator can list it in "
+                "proxy.allowed_origins",
+            )
+        cors = cors_headers(origin)
+        if request.method == "OPTIONS":
+            return preflight(origin)
+        key = extract_key(request.headers)
+        if key is None:
+            return _with(unauthorized(None, UNAUTHORIZED), cors)
+        try:
+            tenant, _ = await self._directory.authenticate(key)
+        except StoreUnavailable:
+            return rpc_error_reply(
+                503,
+                STORE_UNAVAILABLE,
+                "The tenant store is unreachable, so the API key cannot be checked; retry shortly.",
+                headers={"Retry-After": "5", **cors},
+            )
+        if tenant is None:
+            return _with(unauthorized(None, UNAUTHORIZED), cors)
+
+        incoming_id = request.headers.get("X-Request-Id", "")
+        request_id = incoming_id if REQUEST_ID_RE.fullmatch(incoming_id) else uuid.uuid4().hex
+        session_id = request.headers.get("Mcp-Session-Id")
+        if session_id is not None:
+            owner = await self._sessions.owner(session_id)
+            if owner is not None and owner != tenant.id:
+                return rpc_error_reply(
+                    404,
+                    SESSION_FORBIDDEN,
+                    "Session not found for this API key; start a new session (initialize).",
+                    headers=cors,
+                )
+
+        body = b""
+        parsed: Body | None = None
+        gated = GateResult()
+        if request.method == "POST":
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                return _too_large(self._cfg.proxy.max_body_bytes, cors)
+            try:
+                parsed = parse_body(body)
+                gated = await gate(
+                    parsed,
+                    tenant,
+                    self._cfg.plan(tenant.plan),
+                    self._engine,
+                    self._cfg.proxy,
+                    modern=is_modern(request.headers.get("MCP-Protocol-Version")),
+                    request_id=request_id,
+                    session_id=session_id,
+                )
+            except RpcError as exc:
+                return rpc_error_reply(400, exc.code, exc.message, exc.rpc_id, cors)
+            if gated.replies:
+                return await self._answer_here(parsed, gated, cors)
+        elif request.method not in ("GET", "DELETE"):
+            return rpc_error_reply(
+                405,
+                INVALID_REQUEST,
+                "Use POST, GET or DELETE on this endpoint.",
+                headers={"Allow": "GET, POST, DELETE, OPTIONS", **cors},
+            )
+        initialize = parsed is not None and any(
+            m.get("method") == "initialize" for m in parsed.messages
+        )
+        return await self._forward(
+            request, body, tenant, gated, session_id, request_id, cors, initialize=initialize
+        )
+
+    async def _answer_here(
+        self, parsed: Body, gated: GateResult, cors: dict[str, str]
+    ) -> web.Response:
+        if not parsed.batch:
+            return json_reply(next(iter(gated.replies.values())), headers=cors)
+        # One refused element refuses the batch: partial batches would need re-serialising
+        # the body and merging replies. Batches exist only in 2025-03-26.
+        for call in gated.pending.values():
+            await self._settler.refund(call)
+        replies = [
+            gated.replies.get(m["id"])
+            or rpc_error(
+                m["id"],
+                INVALID_REQUEST,
+                "Not run: another call in this batch was refused; send it on its own.",
+            )
+            for m in parsed.messages
+            if is_request(m)
+        ]
+        return json_reply(replies, headers=cors)
+
+    async def _forward(
+        self,
+        request: web.Request,
+        body: bytes,
+        tenant: Tenant,
+        gated: GateResult,
+        session_id: str | None,
+        request_id: str,
+        cors: dict[str, str],
+        *,
+        initialize: bool,
+    ) -> web.StreamResponse:
+        outstanding = dict(gated.pending)
+        headers = upstream_request_headers(
+            request.headers.items(), self._cfg.proxy.tenant_header, tenant.id
+        )
+        headers["X-Request-Id"] = request_id
+        url = self._cfg.upstream.url + request.path_qs
+        resumable = False
+        hidden = self._cfg.plan(tenant.plan).hidden_tools
+        try:
+            try:
+                ctx = self._http.request(
+                    request.method, url, headers=headers, data=body or None, allow_redirects=False
+                )
+                up = await ctx.__aenter__()
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                await self._refund(outstanding)
+                log.warning("upstream_unreachable", error=type(exc).__name__)
+                return rpc_error_reply(
+                    502,
+                    UPSTREAM_UNAVAILABLE,
+                    "The MCP server behind this proxy is unreachable; retry shortly.",
+                    headers=cors,
+                )
+            try:
+                resp = web.StreamResponse(status=up.status, reason=up.reason)
+                resp.headers.extend(downstream_response_headers(up.headers))
+                resp.headers.update(cors)
+                new_session = up.headers.get("Mcp-Session-Id")
+                if new_session and initialize and up.status < 300:
+                    await self._sessions.bind(new_session, tenant.id)
+                if request.method == "DELETE" and session_id and up.status < 300:
+                    await self._refund_calls(await self._sessions.forget(session_id))
+                await resp.prepare(request)
+                ctype = up.headers.get("Content-Type", "").lower()
+                watch = (
+                    request.method == "GET"
+                    and session_id is not None
+                    and self._sessions.deferred(session_id) is not None
+                )
+                metering = bool(outstanding or gated.list_ids)
+                if up.status >= 300:
+                    await self._refund(outstanding)
+                if (metering or watch) and ctype.startswith("text/event-stream"):
+                    resumable = await self._pump_sse(
+                        up, resp, outstanding, gated.list_ids, hidden, session_id if watch else None
+                    )
+                elif metering and ctype.startswith("application/json"):
+                    await self._pump_json(up, resp, outstanding, gated.list_ids, hidden)
+                else:
+                    async for chunk in up.content.iter_any():
+                        await resp.write(chunk)
+                if outstanding:
+                    # Stream ended without a result. In a resumable legacy session it may still
+                    # come on a GET stream (SEP-1699); otherwise closing it is cancellation.
+                    if resumable and session_id is not None:
+                        deadline = self._clock.monotonic() + self._cfg.proxy.resume_grace_s
+                        self._sessions.defer(session_id, list(outstanding.values()), deadline)
+                        outstanding.clear()
+                    else:
+                        await self._refund(outstanding)
+                await resp.write_eof()
+                return resp
+            finally:
+                await ctx.__aexit__(None, None, None)
+        except aiohttp.ClientPayloadError:
+            log.warning("upstream_stream_broken", request_id=request_id)
+            raise
+        finally:
+            if outstanding:
+                # Cancelled (client went away) or failed mid-stream: refund off the handler's
+                # task, which may be cancelled again at any await.
+                calls = list(outstanding.values())
+                outstanding.clear()
+                self._tasks.spawn(self._refund_calls(calls), name="refund")
+
+    # --- pumps ------------------------------------------------------------------------------
+
+    async def _pump_sse(
+        self,
+        up: aiohttp.ClientResponse,
+        resp: web.StreamResponse,
+        outstanding: dict[RpcId, PendingCall],
+        list_ids: set[RpcId],
+        hidden: frozenset[str],
+        watch_session: str | None,
+    ) -> bool:
+        """Forward event by event; a call's result is released only after it is settled.
+        Returns whether the stream carried event ids (so the client can resume it)."""
+        parser = SSEParser()
+        saw_id = False
+        async for chunk in up.content.iter_any():
+            out: list[bytes] = []
+            for event in parser.feed(chunk):
+                saw_id = saw_id or event.id is not None
+                raw = event.raw
+                for message in _responses(event.data):
+                    rpc_id = message["id"]
+                    call = outstanding.pop(rpc_id, None)
+                    if call is None and watch_session is not None:
+                        call = self._sessions.take(watch_session, rpc_id)
+                    if call is not None:
+                        if out:
+                            await resp.write(b"".join(out))
+                            out.clear()
+                        await self._settler.final(call, message)
+                    elif rpc_id in list_ids:
+                        raw = _sse_rewrite(event, _filter_tools(message, hidden))
+                out.append(raw)
+            if out:
+                await resp.write(b"".join(out))
+        tail = parser.pending_bytes()
+        if tail:
+            await resp.write(tail)
+        return saw_id
+
+    async def _pump_json(
+        self,
+        up: aiohttp.ClientResponse,
+        resp: web.StreamResponse,
+        outstanding: dict[RpcId, PendingCall],
+        list_ids: set[RpcId],
+        hidden: frozenset[str],
+    ) -> None:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in up.content.iter_any():
+            size += len(chunk)
+            if size > MAX_METERED_JSON:
+                raise aiohttp.ClientPayloadError("upstream JSON reply too large to meter")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            await resp.write(raw)
+            return  # garbage: outstanding calls are refunded by the caller
+        messages = doc if isinstance(doc, list) else [doc]
+        rewritten = False
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                continue
+            rpc_id = message.get("id")
+            if not isinstance(rpc_id, str | int):
+                continue
+            call = outstanding.pop(rpc_id, None)
+            if call is not None:
+                await self._settler.final(call, message)
+            elif rpc_id in list_ids:
+                messages[i] = _filter_tools(message, hidden)
+                rewritten = True
+        if rewritten:
+            raw = dumps(messages if isinstance(doc, list) else messages[0])
+        await resp.write(raw)
+
+    async def _refund(self, outstanding: dict[RpcId, PendingCall]) -> None:
+        calls = list(outstanding.values())
+        outstanding.clear()
+        await self._refund_calls(calls)
+
+    async def _refund_calls(self, calls: list[PendingCall]) -> None:
+        for call in calls:
+            await self._settler.refund(call)
+
+    async def reap_deferred(self) -> int:
+        """Refund deferred calls whose result never arrived; returns how many."""
+        calls = self._sessions.expire(self._clock.monotonic())
+        await self._refund_calls(calls)
+        return len(calls)
+
+
+def _with(resp: web.Response, headers: dict[str, str]) -> web.Response:
+    resp.headers.update(headers)
+    return resp
+
+
+def _too_large(limit: int, cors: dict[str, str]) -> web.Response:
+    return rpc_error_reply(
+        413,
+        PAYLOAD_TOO_LARGE,
+        f"Request body too large: the limit is {limit} bytes (proxy.max_body_bytes).",
+        headers=cors,
+    )
+
+
+def _hashable(value: object) -> bool:
+    return isinstance(value, str | int) and not isinstance(value, bool)
+
+
+def _responses(data: str) -> list[dict[str, Any]]:
+    """JSON-RPC responses carried by one SSE data field (cheap test before parsing)."""
+    if '"id"' not in data or ('"result"' not in data and '"error"' not in data):
+        return []
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return []
+    items = doc if isinstance(doc, list) else [doc]
+    return [
+        m
+        for m in items
+        if isinstance(m, dict) and ("result" in m or "error" in m) and _hashable(m.get("id"))
+    ]
+
+
+def _filter_tools(message: dict[str, Any], hidden: frozenset[str]) -> dict[str, Any]:
+    result = message.get("result")
+    if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
+        return message
+    tools = [t for t in result["tools"] if not (isinstance(t, dict) and t.get("name") in hidden)]
+    new_result = dict(result, tools=tools)
+    if "resultType" in result or "ttlMs" in result:
+        new_result["cacheScope"] = "private"  # the list now varies per tenant
+    return dict(message, result=new_result)
+
+
+def _sse_rewrite(event: SSEEvent, message: dict[str, Any]) -> bytes:
+    lines = []
+    if event.event != "message":
+        lines.append(f"event: {event.event}")
+    if event.id is not None:
+        lines.append(f"id: {event.id}")
+    lines.append("data: " + json.dumps(message, separators=(",", ":")))
+    return ("\n".join(lines) + "\n\n").encode()

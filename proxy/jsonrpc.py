@@ -1,0 +1,130 @@
+"""JSON-RPC 2.0 bodies as MCP uses them: validation and the replies the proxy makes itself."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+# Application codes live outside -32768..-32000 (MCP 2026-07-28 basic/index).
+QUOTA_EXCEEDED = -31429
+UNAUTHORIZED = -31401
+STORE_UNAVAILABLE = -31503
+UPSTREAM_UNAVAILABLE = -31502
+SESSION_FORBIDDEN = -31404
+PAYLOAD_TOO_LARGE = -31413
+ORIGIN_FORBIDDEN = -31403
+
+MODERN_PROTOCOL = "2026-07-28"
+
+RpcId = str | int
+
+
+class RpcError(Exception):
+    """A message the proxy refuses before forwarding; rendered as a JSON-RPC error body."""
+
+    def __init__(self, code: int, message: str, rpc_id: RpcId | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.rpc_id = rpc_id
+
+
+@dataclass(frozen=True, slots=True)
+class Body:
+    messages: list[dict[str, Any]]
+    batch: bool
+
+
+def _valid_id(value: object) -> bool:
+    return isinstance(value, str | int) and not isinstance(value, bool)
+
+
+def _check(message: object) -> dict[str, Any]:
+    if not isinstance(message, dict):
+        raise RpcError(INVALID_REQUEST, "Invalid Request: each JSON-RPC message must be an object")
+    rpc_id = message.get("id")
+    reply_id = rpc_id if _valid_id(rpc_id) else None
+    if message.get("jsonrpc") != "2.0":
+        raise RpcError(INVALID_REQUEST, 'Invalid Request: "jsonrpc" must be "2.0"', reply_id)
+    if "id" in message and not _valid_id(rpc_id):
+        raise RpcError(INVALID_REQUEST, 'Invalid Request: "id" must be a string or an integer')
+    if "method" in message:
+        method = message["method"]
+        if not isinstance(method, str) or not method:
+            raise RpcError(
+                INVALID_REQUEST, 'Invalid Request: "method" must be a non-empty string', reply_id
+            )
+        params = message.get("params")
+        if params is not None and not isinstance(params, dict | list):
+            raise RpcError(INVALID_REQUEST, 'Invalid Request: "params" must be an object', reply_id)
+        if method == "tools/call":
+            if not isinstance(params, dict) or not isinstance(params.get("name"), str):
+                raise RpcError(
+                    INVALID_PARAMS,
+                    "Invalid params: tools/call needs params.name (a string)",
+                    reply_id,
+                )
+            if not isinstance(params.get("arguments", {}), dict):
+                raise RpcError(
+                    INVALID_PARAMS,
+                    "Invalid params: tools/call params.arguments must be an object",
+                    reply_id,
+                )
+        return message
+    if ("result" in message or "error" in message) and _valid_id(rpc_id):
+        return message
+    raise RpcError(
+        INVALID_REQUEST,
+        'Invalid Request: a message needs "method", or "id" with "result" or "error"',
+        reply_id,
+    )
+
+
+def parse_body(raw: bytes) -> Body:
+    """Validate a POST body: one JSON-RPC message or a batch (2025-03-26) of them."""
+    if not raw.strip():
+        raise RpcError(
+            INVALID_REQUEST, "Invalid Request: the body is empty; POST one JSON-RPC message"
+        )
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise RpcError(PARSE_ERROR, "Parse error: the body is not valid UTF-8 JSON") from None
+    if isinstance(doc, list):
+        if not doc:
+            raise RpcError(INVALID_REQUEST, "Invalid Request: an empty batch")
+        return Body([_check(m) for m in doc], batch=True)
+    return Body([_check(doc)], batch=False)
+
+
+def is_request(message: dict[str, Any]) -> bool:
+    return "method" in message and "id" in message
+
+
+def error(rpc_id: RpcId | None, code: int, message: str) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": rpc_id, "error": {"code": code, "message": message}}
+
+
+def tool_error(rpc_id: RpcId, text: str, meta: dict[str, Any], modern: bool) -> dict[str, Any]:
+    """A tool result with isError, which clients hand to the model instead of failing."""
+    result: dict[str, Any] = {
+        "content": [{"type": "text", "text": text}],
+        "isError": True,
+        "_meta": meta,
+    }
+    if modern:
+        result["resultType"] = "complete"
+    return {"jsonrpc": "2.0", "id": rpc_id, "result": result}
+
+
+def dumps(doc: object) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def is_modern(protocol_version: str | None) -> bool:
+    return protocol_version is not None and protocol_version >= MODERN_PROTOCOL

@@ -1,0 +1,38 @@
+"""Redis key names in one place. Every per-tenant key shares the `{tenant}` hash tag so the
+quota script touches a single slot and runs unchanged on Redis Cluster."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpace:
+    prefix: str
+
+    def tenant(self, tenant_id: str) -> str:
+        return f"{self.prefix}:{{{tenant_id}}}:tenant"
+
+    def tenant_keys(self, tenant_id: str) -> str:
+        return f"{self.prefix}:{{{tenant_id}}}:keys"
+
+    def used(self, tenant_id: str, period_start: int) -> str:
+        return f"{self.prefix}:{{{tenant_id}}}:used:{period_start}"
+
+    def rate(self, tenant_id: str) -> str:
+        return f"{self.prefix}:{{{tenant_id}}}:rate"
+
+    def reservations(self, tenant_id: str) -> str:
+        return f"{self.prefix}:{{{tenant_id}}}:resv"
+
+    def tenant_index(self) -> str:
+        return f"{self.prefix}:tenants"
+
+    def api_key(self, key_hash: str) -> str:
+        return f"{self.prefix}:key:{key_hash}"
+
+    def session(self, session_id: str) -> str:
+        return f"{self.prefix}:sess:{session_id}"
+
+    def invalidations(self) -> str:
+        return f"{self.prefix}:invalidate"

@@ -1,0 +1,107 @@
+"""Quota decisions for one call: plan maths from policy, state from storage, safety from the
+guard (deadline + breaker), and the configured fail mode when the store is away."""
+
+from __future__ import annotations
+
+import secrets
+
+import structlog
+
+from ..clock import Clock
+from ..config import Plan
+from ..store import StoreGuard, StoreUnavailable
+from .policy import Decision, Outcome, Period, allowed_total, call_cost, current_period
+from .storage import ALLOWED, OVER_QUOTA, QuotaStorage, Reservation
+
+log = structlog.get_logger(__name__)
+
+COUNTER_RETENTION_S = 40 * 86400  # keep past periods' counters for usage reports
+
+
+class QuotaEngine:
+    def __init__(
+        self,
+        storage: QuotaStorage,
+        guard: StoreGuard,
+        clock: Clock,
+        *,
+        fail_open: bool,
+        reservation_ttl_s: int,
+    ) -> None:
+        self._storage = storage
+        self._guard = guard
+        self._clock = clock
+        self._fail_open = fail_open
+        self._ttl_ms = reservation_ttl_s * 1000
+
+    def period(self, period_start: int | None, period_end: int | None) -> Period:
+        return current_period(self._clock.time(), period_start, period_end)
+
+    async def reserve(
+        self,
+        tenant_id: str,
+        plan: Plan,
+        period: Period,
+        method_weight: int,
+        tool: str | None,
+    ) -> tuple[Decision, Reservation | None]:
+        cost = call_cost(plan, method_weight, tool)
+        limit = allowed_total(plan)
+        now = self._clock.time()
+        res = Reservation(
+            tenant_id=tenant_id,
+            period_start=period.start,
+            reservation_id=secrets.token_hex(8),
+            cost=cost,
+            counter_expire_at_ms=(period.end + COUNTER_RETENTION_S) * 1000,
+        )
+        interval_us = tolerance_us = 0
+        if plan.rate is not None:
+            interval_us = round(1_000_000 / plan.rate.per_second)
+            tolerance_us = (plan.rate.burst - 1) * interval_us
+        now_us = int(now * 1_000_000)
+        try:
+            result = await self._guard.run(
+                lambda: self._storage.reserve(
+                    res,
+                    allowed_total=limit,
+                    interval_us=interval_us,
+                    tolerance_us=tolerance_us,
+                    now_us=now_us,
+                    deadline_ms=now_us // 1000 + self._ttl_ms,
+                )
+            )
+        except StoreUnavailable:
+            outcome = Outcome.DEGRADED if self._fail_open else Outcome.UNAVAILABLE
+            return Decision(outcome, plan.name, cost, -1, limit, period), None
+        if result.status == ALLOWED:
+            decision = Decision(
+                Outcome.ALLOWED,
+                plan.name,
+                cost,
+                result.used,
+                limit,
+                period,
+                reservation_id=res.reservation_id,
+            )
+            return decision, res
+        outcome = Outcome.REFUSED_QUOTA if result.status == OVER_QUOTA else Outcome.REFUSED_RATE
+        return Decision(
+            outcome,
+            plan.name,
+            cost,
+            result.used,
+            limit,
+            period,
+            retry_after_ms=result.retry_after_ms,
+        ), None
+
+    async def settle(self, res: Reservation, *, commit: bool) -> None:
+        try:
+            await self._guard.run(lambda: self._storage.settle(res, commit=commit))
+        except StoreUnavailable:
+            # The reservation's deadline refunds it later; usage itself is in the spool.
+            log.warning("quota_settle_failed", tenant=res.tenant_id, commit=commit)
+
+    async def used(self, tenant_id: str, period: Period) -> int:
+        return await self._guard.run(lambda: self._storage.used(tenant_id, period.start))

@@ -1,0 +1,53 @@
+-- Reserve quota for one call atomically: every limit is checked before anything is written,
+-- so a refusal changes nothing and an acceptance changes everything at once.
+-- KEYS[1] used counter for the period   KEYS[2] rate state (GCRA theoretical arrival time, us)
+-- KEYS[3] reservations (zset of "id:cost" scored by deadline ms)
+-- ARGV: cost, allowed_total (-1 = unlimited), interval_us (0 = no rate limit),
+--       tolerance_us ((burst - 1) * interval_us), now_us, now_ms, counter_expire_at_ms,
+--       reservation_id, reservation_deadline_ms
+-- Returns {status, used_after, retry_after_ms}; status 1 allowed, 0 quota, 2 rate.
+local cost = tonumber(ARGV[1])
+local allowed_total = tonumber(ARGV[2])
+local interval = tonumber(ARGV[3])
+local tolerance = tonumber(ARGV[4])
+local now_us = tonumber(ARGV[5])
+local now_ms = tonumber(ARGV[6])
+
+-- Reservations whose holder died (process killed mid-call) are refunded once overdue.
+local overdue = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now_ms)
+if #overdue > 0 then
+  local back = 0
+  for _, member in ipairs(overdue) do
+    back = back + tonumber(string.match(member, ':(%d+)$'))
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now_ms)
+  if redis.call('EXISTS', KEYS[1]) == 1 then
+    redis.call('DECRBY', KEYS[1], back)
+  end
+end
+
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+if allowed_total >= 0 and used + cost > allowed_total then
+  return {0, used, 0}
+end
+
+local tat = 0
+if interval > 0 then
+  tat = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if tat < now_us then tat = now_us end
+  if tat - now_us > tolerance then
+    return {2, used, math.ceil((tat - tolerance - now_us) / 1000)}
+  end
+end
+
+local after = redis.call('INCRBY', KEYS[1], cost)
+redis.call('PEXPIREAT', KEYS[1], ARGV[7])
+if interval > 0 then
+  local next_tat = tat + interval
+  -- %d keeps all digits: Lua's default number format would round microsecond timestamps.
+  redis.call('SET', KEYS[2], string.format('%d', next_tat),
+             'PX', string.format('%d', math.ceil((next_tat - now_us) / 1000) + 1000))
+end
+redis.call('ZADD', KEYS[3], ARGV[9], ARGV[8] .. ':' .. cost)
+redis.call('PEXPIREAT', KEYS[3], ARGV[9])
+return {1, after, 0}

@@ -1,0 +1,94 @@
+"""Quota state in Redis: two Lua scripts, shipped as package data and registered once.
+
+The same code serves a real Redis (or Cluster: every key carries the tenant's hash tag) and
+the embedded `memory://` store, where fakeredis runs the identical scripts in-process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.resources import files
+
+from redis.asyncio import Redis
+
+from ..keys import KeySpace
+
+
+def _script(name: str) -> str:
+    return files("proxy.quota").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    tenant_id: str
+    period_start: int
+    reservation_id: str
+    cost: int
+    counter_expire_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    status: int  # 1 allowed, 0 over quota, 2 over rate
+    used: int
+    retry_after_ms: int
+
+
+ALLOWED, OVER_QUOTA, OVER_RATE = 1, 0, 2
+
+
+class QuotaStorage:
+    def __init__(self, redis: Redis, keys: KeySpace) -> None:
+        self._r = redis
+        self._k = keys
+        self._reserve = redis.register_script(_script("reserve.lua"))
+        self._settle = redis.register_script(_script("settle.lua"))
+
+    async def reserve(
+        self,
+        res: Reservation,
+        *,
+        allowed_total: int | None,
+        interval_us: int,
+        tolerance_us: int,
+        now_us: int,
+        deadline_ms: int,
+    ) -> ReserveResult:
+        t = res.tenant_id
+        status, used, retry = await self._reserve(
+            keys=[self._k.used(t, res.period_start), self._k.rate(t), self._k.reservations(t)],
+            args=[
+                res.cost,
+                -1 if allowed_total is None else allowed_total,
+                interval_us,
+                tolerance_us,
+                now_us,
+                now_us // 1000,
+                res.counter_expire_at_ms,
+                res.reservation_id,
+                deadline_ms,
+            ],
+        )
+        return ReserveResult(int(status), int(used), int(retry))
+
+    async def settle(self, res: Reservation, *, commit: bool) -> bool:
+        """True when the reservation was still held (False: it had been reaped as overdue)."""
+        t = res.tenant_id
+        held = await self._settle(
+            keys=[self._k.used(t, res.period_start), self._k.reservations(t)],
+            args=[
+                res.reservation_id,
+                res.cost,
+                "commit" if commit else "refund",
+                res.counter_expire_at_ms,
+            ],
+        )
+        return bool(held)
+
+    async def used(self, tenant_id: str, period_start: int) -> int:
+        value = await self._r.get(self._k.used(tenant_id, period_start))
+        return int(value or 0)
+
+    async def held(self, tenant_id: str) -> int:
+        """Reservations currently held (not yet settled) for a tenant."""
+        return int(await self._r.zcard(self._k.reservations(tenant_id)))

@@ -1,0 +1,80 @@
+"""Settling a gated call from its final JSON-RPC response: commit and spool, or refund."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .clock import Clock
+from .jsonrpc import RpcId
+from .quota.engine import QuotaEngine
+from .quota.policy import Decision
+from .quota.storage import Reservation
+from .tenants import Tenant
+from .usage.sink import UsageEvent, UsageSink
+
+
+@dataclass(slots=True)
+class PendingCall:
+    rpc_id: RpcId
+    method: str
+    tool: str | None
+    decision: Decision
+    reservation: Reservation | None  # None when decided in degraded mode
+    tenant: Tenant
+    request_id: str
+    session_id: str | None
+
+
+def billable(message: dict[str, Any], bill_tool_errors: bool) -> tuple[bool, str]:
+    """Whether a final response is billable, and the outcome name (pure)."""
+    if "error" in message:
+        return False, "rpc_error"
+    result = message.get("result")
+    if not isinstance(result, dict):
+        return True, "ok"
+    if result.get("resultType") == "input_required":
+        return False, "input_required"  # MRTR: the retry carries a new id and is charged then
+    if result.get("isError") is True:
+        return bill_tool_errors, "tool_error"
+    return True, "ok"
+
+
+class Settler:
+    def __init__(
+        self, engine: QuotaEngine, sink: UsageSink, clock: Clock, *, bill_tool_errors: bool
+    ) -> None:
+        self._engine = engine
+        self._sink = sink
+        self._clock = clock
+        self._bill_tool_errors = bill_tool_errors
+
+    async def final(self, call: PendingCall, message: dict[str, Any]) -> str:
+        """Settle from the final response; returns the outcome. Durable before it returns."""
+        charge, outcome = billable(message, self._bill_tool_errors)
+        if not charge:
+            await self.refund(call)
+            return outcome
+        if call.reservation is not None:
+            await self._engine.settle(call.reservation, commit=True)
+        await self._sink.append(
+            UsageEvent(
+                tenant_id=call.tenant.id,
+                stripe_customer=call.tenant.stripe_customer,
+                plan=call.decision.plan,
+                method=call.method,
+                tool=call.tool,
+                units=call.decision.cost,
+                timestamp=self._clock.time(),
+                request_id=call.request_id,
+                rpc_id=str(call.rpc_id),
+                session_id=call.session_id,
+                outcome=outcome,
+                degraded=call.reservation is None,
+            )
+        )
+        return outcome
+
+    async def refund(self, call: PendingCall) -> None:
+        if call.reservation is not None:
+            await self._engine.settle(call.reservation, commit=False)

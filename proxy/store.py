@@ -1,0 +1,87 @@
+"""Connecting to the shared store and calling it with a hard deadline behind a breaker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from .breaker import BreakerState, CircuitBreaker
+from .config import RedisConfig
+
+T = TypeVar("T")
+
+
+class StoreUnavailable(Exception):
+    """The quota/tenant store did not answer in time or is known to be down."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreClients:
+    """`main` has short timeouts for the hot path; `listener` blocks on pub/sub."""
+
+    main: Redis
+    listener: Redis
+
+    async def close(self) -> None:
+        await self.main.aclose()
+        if self.listener is not self.main:
+            await self.listener.aclose()
+
+
+def connect(cfg: RedisConfig) -> StoreClients:
+    if cfg.embedded:
+        import fakeredis  # the embedded store runs the same Lua scripts in-process
+
+        client: Redis = fakeredis.FakeAsyncRedis(
+            server=fakeredis.FakeServer(), decode_responses=True
+        )
+        return StoreClients(main=client, listener=client)
+    timeout = cfg.timeout_ms / 1000
+    main = Redis.from_url(
+        cfg.url,
+        decode_responses=True,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        # The guard owns deadlines and the breaker: the client must not retry with backoff.
+        retry=Retry(NoBackoff(), 0),
+        max_connections=256,
+    )
+    listener = Redis.from_url(
+        cfg.url,
+        decode_responses=True,
+        socket_connect_timeout=timeout,
+        health_check_interval=5,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return StoreClients(main=main, listener=listener)
+
+
+class StoreGuard:
+    """Runs one store operation with a deadline; a run of failures opens the breaker."""
+
+    def __init__(self, breaker: CircuitBreaker, timeout: float) -> None:
+        self.breaker = breaker
+        self._timeout = timeout
+
+    @property
+    def state(self) -> BreakerState:
+        return self.breaker.state
+
+    async def run(self, op: Callable[[], Awaitable[T]]) -> T:
+        if not self.breaker.allow():
+            raise StoreUnavailable("circuit open")
+        try:
+            async with asyncio.timeout(self._timeout):
+                result = await op()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.breaker.failure()
+            raise StoreUnavailable(type(exc).__name__) from exc
+        self.breaker.success()
+        return result

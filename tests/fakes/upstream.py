@@ -1,0 +1,104 @@
+"""A scripted JSON-RPC upstream (aiohttp) for tests that need exact control over replies:
+errors, SSE framing, early closes, garbage. It records every request it receives."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class ScriptedUpstream:
+    requests: list[Seen] = field(default_factory=list)
+    tools: tuple[str, ...] = ("add", "secret_tool", "echo")
+    session_id: str = "sess-1"
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/mcp", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.requests.append(Seen(request.method, request.path_qs, dict(request.headers), body))
+        if request.method != "POST":
+            return web.Response(status=405, headers={"Allow": "POST"})
+        msg = json.loads(body)
+        if isinstance(msg, list):
+            return web.json_response([self._result(m) for m in msg if "id" in m])
+        if "id" not in msg:
+            return web.Response(status=202)
+        method = msg["method"]
+        if method == "initialize":
+            return web.json_response(
+                self._ok(msg, {"protocolVersion": "2025-06-18", "capabilities": {},
+                               "serverInfo": {"name": "scripted", "version": "1"}}),
+                headers={"Mcp-Session-Id": self.session_id},
+            )
+        if method == "tools/list":
+            tools = [{"name": t, "inputSchema": {"type": "object"}} for t in self.tools]
+            return web.json_response(self._ok(msg, {"tools": tools}))
+        if method != "tools/call":
+            return web.json_response(self._ok(msg, {}))
+        name = msg["params"]["name"]
+        args = msg["params"].get("arguments", {})
+        if name == "rpc_error":
+            return web.json_response(
+                {"jsonrpc": "2.0", "id": msg["id"], "error": {"code": -32602, "message": "bad"}}
+            )
+        if name == "tool_error":
+            return web.json_response(
+                self._ok(msg, {"content": [{"type": "text", "text": "boom"}], "isError": True})
+            )
+        if name == "http_500":
+            return web.Response(status=500, text="upstream exploded")
+        if name == "garbage":
+            return web.Response(body=b"{not json", content_type="application/json")
+        if name.startswith("sse_"):
+            return await self._sse(request, msg, name, args)
+        return web.json_response(self._result(msg))
+
+    async def _sse(
+        self, request: web.Request, msg: dict[str, Any], name: str, args: dict[str, Any]
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"id: 1\ndata: \n\n")  # priming event
+        for i in range(int(args.get("steps", 2))):
+            note = {"jsonrpc": "2.0", "method": "notifications/progress",
+                    "params": {"progressToken": 1, "progress": i + 1}}
+            await resp.write(f"event: message\r\ndata: {json.dumps(note)}\r\n\r\n".encode())
+        if name == "sse_wait":
+            await self.release.wait()
+        if name == "sse_close_early":
+            return resp  # stream ends without the result
+        result = json.dumps(self._result(msg))
+        # Split the final event mid-line to exercise chunk reassembly.
+        await resp.write(f"event: message\ndata: {result[:7]}".encode())
+        await resp.write(f"{result[7:]}\n\n".encode())
+        await resp.write_eof()
+        return resp
+
+    @staticmethod
+    def _ok(msg: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+        return {"jsonrpc": "2.0", "id": msg["id"], "result": result}
+
+    def _result(self, msg: dict[str, Any]) -> dict[str, Any]:
+        text = json.dumps(msg.get("params", {}).get("arguments", {}))
+        return self._ok(msg, {"content": [{"type": "text", "text": text}], "isError": False})
+
+    def calls(self) -> list[Seen]:
+        return [r for r in self.requests if r.method == "POST" and b'"tools/call"' in r.body]
