@@ -395,6 +395,17 @@ def parse_config(data: Mapping[str, Any] | None, env: Mapping[str, str]) -> Conf
     )
 
 
+ENV_CONFIG = "MQP_CONFIG"
+
+
+def default_config_path(env: Mapping[str, str] | None = None) -> str | None:
+    """$MQP_CONFIG, else ./config.yaml when present, else None (embedded defaults)."""
+    environ = os.environ if env is None else env
+    if environ.get(ENV_CONFIG):
+        return environ[ENV_CONFIG]
+    return "config.yaml" if Path("config.yaml").is_file() else None
+
+
 def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -> Config:
     """Read config.yaml (or embedded defaults when ``path`` is None) plus the environment."""
     environ = os.environ if env is None else env

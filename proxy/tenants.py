@@ -160,6 +160,9 @@ class TenantStore:
         await self._r.hdel(self._k.tenant_keys(tenant_id), key_id)
         await self._publish(f"key:{digest}")
 
+    async def close(self) -> None:
+        await self._r.aclose()
+
     async def _publish(self, what: str) -> None:
         await self._r.publish(self._k.invalidations(), what)
 

@@ -44,8 +44,14 @@ class ScriptedUpstream:
         method = msg["method"]
         if method == "initialize":
             return web.json_response(
-                self._ok(msg, {"protocolVersion": "2025-06-18", "capabilities": {},
-                               "serverInfo": {"name": "scripted", "version": "1"}}),
+                self._ok(
+                    msg,
+                    {
+                        "protocolVersion": "2025-06-18",
+                        "capabilities": {},
+                        "serverInfo": {"name": "scripted", "version": "1"},
+                    },
+                ),
                 headers={"Mcp-Session-Id": self.session_id},
             )
         if method == "tools/list":
@@ -78,8 +84,11 @@ class ScriptedUpstream:
         await resp.prepare(request)
         await resp.write(b"id: 1\ndata: \n\n")  # priming event
         for i in range(int(args.get("steps", 2))):
-            note = {"jsonrpc": "2.0", "method": "notifications/progress",
-                    "params": {"progressToken": 1, "progress": i + 1}}
+            note = {
+                "jsonrpc": "2.0",
+                "method": "notifications/progress",
+                "params": {"progressToken": 1, "progress": i + 1},
+            }
             await resp.write(f"event: message\r\ndata: {json.dumps(note)}\r\n\r\n".encode())
         if name == "sse_wait":
             await self.release.wait()

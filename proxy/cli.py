@@ -1,0 +1,238 @@
+"""The `mcp-quota-proxy` command: parse arguments, load config, call into the package."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+
+from redis.exceptions import RedisError
+
+from .config import Config, ConfigError, default_config_path, load_config
+from .keys import KeySpace
+from .store import connect
+from .tenants import TenantError, TenantStore
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A failure the user can fix; printed without a traceback."""
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config)
+
+
+def _admin_store(config: Config) -> TenantStore:
+    if config.redis.embedded:
+        raise CliError(
+            "tenant and key commands need the shared Redis the proxy uses: set REDIS_URL "
+            "(or redis.url in config.yaml). memory:// lives inside one serve process."
+        )
+    stores = connect(config.redis)
+    return TenantStore(
+        stores.main, KeySpace(config.redis.key_prefix), config.auth.pepper, config.auth.key_prefix
+    )
+
+
+async def _with_store(config: Config, work: Callable[[TenantStore], Awaitable[None]]) -> None:
+    store = _admin_store(config)
+    try:
+        await work(store)
+    finally:
+        await store.close()
+
+
+def _when(ts: int | None) -> str:
+    return "-" if not ts else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- verbs ---------------------------------------------------------------------------------
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _config(args)
+    where = args.config or "embedded defaults"
+    print(f"{where}: OK")
+    print(f"  listen   {config.listen.host}:{config.listen.port}")
+    print(f"  upstream {config.upstream.url} paths {', '.join(config.upstream.mcp_paths)}")
+    store = "embedded (memory://)" if config.redis.embedded else "shared Redis"
+    print(f"  store    {store}, fail_mode {config.redis.fail_mode}")
+    print(f"  plans    {', '.join(config.plans)} (default {config.default_plan})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .logs import configure
+    from .serve import run_server
+
+    config = _config(args)
+    configure(config.log_level)
+    asyncio.run(run_server(config))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo.run import run_demo
+
+    return run_demo(port=args.port)
+
+
+def cmd_tenant(args: argparse.Namespace) -> int:
+    config = _config(args)
+
+    async def work(store: TenantStore) -> None:
+        if args.action == "create":
+            _check_plan(config, args.plan)
+            t = await store.create(
+                args.tenant_id,
+                name=args.name,
+                plan=args.plan or config.default_plan,
+                stripe_customer=args.stripe_customer,
+                now=int(time.time()),
+            )
+            print(f"created tenant {t.id} on plan {t.plan}")
+            print(f"next: mcp-quota-proxy key issue {t.id}")
+        elif args.action == "show":
+            t = await store.require(args.tenant_id)
+            for field, value in (
+                ("id", t.id),
+                ("name", t.name),
+                ("plan", t.plan),
+                ("status", t.status),
+                ("stripe_customer", t.stripe_customer or "-"),
+                ("period_start", _when(t.period_start)),
+                ("period_end", _when(t.period_end)),
+                ("created_at", _when(t.created_at)),
+            ):
+                print(f"{field:16} {value}")
+        elif args.action == "list":
+            tenants = await store.all()
+            if not tenants:
+                print("no tenants; create one with: mcp-quota-proxy tenant create ID")
+            for t in tenants:
+                print(f"{t.id:24} {t.plan:12} {t.status:10} {t.stripe_customer or '-'}")
+        elif args.action == "set-plan":
+            _check_plan(config, args.plan)
+            t = await store.update(args.tenant_id, plan=args.plan)
+            print(f"tenant {t.id} is now on plan {t.plan}")
+
+    asyncio.run(_with_store(config, work))
+    return 0
+
+
+def _check_plan(config: Config, plan: str | None) -> None:
+    if plan is not None and plan not in config.plans:
+        raise CliError(f"unknown plan {plan!r}; plans in the config are {', '.join(config.plans)}")
+
+
+def cmd_key(args: argparse.Namespace) -> int:
+    config = _config(args)
+
+    async def work(store: TenantStore) -> None:
+        if args.action == "issue":
+            key, info = await store.issue_key(
+                args.tenant_id, label=args.label, now=int(time.time())
+            )
+            print(key)
+            print(
+                f"key {info.key_id} issued for tenant {args.tenant_id}. It is shown only once: "
+                "store it now. Clients send it as 'Authorization: Bearer <key>'.",
+                file=sys.stderr,
+            )
+        elif args.action == "list":
+            keys = await store.list_keys(args.tenant_id)
+            if not keys:
+                print(
+                    f"tenant {args.tenant_id} has no keys; issue one with: "
+                    f"mcp-quota-proxy key issue {args.tenant_id}"
+                )
+            for k in keys:
+                print(f"{k.key_id}  {_when(k.created_at)}  {k.label}")
+        elif args.action == "revoke":
+            await store.revoke_key(args.tenant_id, args.key_id)
+            print(f"revoked key {args.key_id} of tenant {args.tenant_id}")
+
+    asyncio.run(_with_store(config, work))
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mcp-quota-proxy",
+        description="A sidecar that puts API keys, quotas and Stripe billing in front of an "
+        "unmodified MCP server.",
+    )
+    config_help = (
+        "config file (default: $MQP_CONFIG, else ./config.yaml if present, else built-in defaults)"
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=default_config_path(), help=config_help)
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    p = verbs.add_parser("serve", parents=[common], help="run the proxy")
+    p.set_defaults(func=cmd_serve)
+
+    p = verbs.add_parser(
+        "check-config", parents=[common], help="validate the configuration and exit"
+    )
+    p.set_defaults(func=cmd_check_config)
+
+    p = verbs.add_parser("demo", help="run a demo: bundled MCP server + proxy on embedded defaults")
+    p.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
+    p.set_defaults(func=cmd_demo)
+
+    tenant = verbs.add_parser("tenant", help="create, show, list tenants; change a tenant's plan")
+    tv = tenant.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = tv.add_parser("create", parents=[common], help="create a tenant")
+    p.add_argument("tenant_id", help="lowercase id, e.g. acme")
+    p.add_argument("--name", help="display name")
+    p.add_argument("--plan", help="plan name from the config (default: default_plan)")
+    p.add_argument("--stripe-customer", help="Stripe customer id (cus_...) for billing")
+    p = tv.add_parser("show", parents=[common], help="show one tenant")
+    p.add_argument("tenant_id")
+    tv.add_parser("list", parents=[common], help="list tenants")
+    p = tv.add_parser("set-plan", parents=[common], help="move a tenant to another plan")
+    p.add_argument("tenant_id")
+    p.add_argument("plan")
+    tenant.set_defaults(func=cmd_tenant)
+
+    key = verbs.add_parser("key", help="issue, list, revoke a tenant's API keys")
+    kv = key.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = kv.add_parser("issue", parents=[common], help="issue a key (printed once)")
+    p.add_argument("tenant_id")
+    p.add_argument("--label", default="", help="a note to recognise the key by")
+    p = kv.add_parser("list", parents=[common], help="list a tenant's key ids")
+    p.add_argument("tenant_id")
+    p = kv.add_parser("revoke", parents=[common], help="revoke a key (effective on every replica)")
+    p.add_argument("tenant_id")
+    p.add_argument("key_id", help="the id shown by `key list`")
+    key.set_defaults(func=cmd_key)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except (ConfigError, TenantError, CliError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (RedisError, OSError) as exc:
+        print(
+            f"error: cannot reach Redis ({type(exc).__name__}: {exc}). Check REDIS_URL and that "
+            "Redis is running.",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,213 @@
+"""What never reaches the upstream: unauthenticated requests and malformed input."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import ConfigFactory
+from tests.fakes.upstream import ScriptedUpstream
+from tests.proxy_harness import RunningProxy, run_proxy
+from tests.rpc import ACCEPT, bearer, call
+
+
+@pytest.fixture
+async def proxy(
+    scripted: tuple[ScriptedUpstream, str], make_config: ConfigFactory
+) -> AsyncIterator[RunningProxy]:
+    config = make_config(
+        upstream={"url": scripted[1]},
+        proxy={"allowed_origins": ["https://inspector.example"]},
+        plans={"free": {"included_units": 5, "hidden_tools": ["secret_tool"]}},
+    )
+    async with run_proxy(config) as running:
+        yield running
+
+
+async def _post(
+    url: str, body: bytes | io.BytesIO | dict[str, object], headers: dict[str, str]
+) -> tuple[int, dict[str, str], Any]:
+    async with aiohttp.ClientSession() as http:
+        if isinstance(body, dict):
+            r = await http.post(url, headers=headers, json=body)
+        else:
+            r = await http.post(url, headers=headers, data=body)
+        async with r:
+            return r.status, dict(r.headers), await r.json(content_type=None)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        ACCEPT,
+        {**ACCEPT, "Authorization": "Bearer mqp_000000000000_unknownsecret"},
+        {**ACCEPT, "Authorization": "Basic dXNlcjpwYXNz"},
+        {**ACCEPT, "X-API-Key": "not-a-key"},
+    ],
+    ids=["missing", "unknown", "other-scheme", "bad-x-api-key"],
+)
+async def test_no_valid_key_is_401_and_upstream_sees_nothing(
+    proxy: RunningProxy, scripted: tuple[ScriptedUpstream, str], headers: dict[str, str]
+) -> None:
+    for body in (call(1, "add"), {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {}}):
+        status, hdrs, doc = await _post(proxy.url, body, headers)
+        assert status == 401
+        assert hdrs["WWW-Authenticate"].startswith('Bearer realm="mcp", error="invalid_token"')
+        assert "resource_metadata" not in hdrs["WWW-Authenticate"]
+        assert "Authorization: Bearer <key>" in str(doc["error"])
+    assert scripted[0].requests == []
+
+
+async def test_revoked_key_is_401(
+    proxy: RunningProxy, scripted: tuple[ScriptedUpstream, str]
+) -> None:
+    key = await proxy.tenant_with_key("acme")
+    assert (await _post(proxy.url, call(1, "add"), bearer(key)))[0] == 200
+    tenants = proxy.components.tenants
+    (info,) = await tenants.list_keys("acme")
+    await tenants.revoke_key("acme", info.key_id)
+    seen = len(scripted[0].requests)
+    status = 200
+    for _ in range(50):  # bounded: the in-process invalidation lands within a loop turn or two
+        status = (await _post(proxy.url, call(2, "add"), bearer(key)))[0]
+        if status == 401:
+            break
+    assert status == 401
+    assert len(scripted[0].requests) <= seen + 1
+
+
+async def test_x_api_key_header_works_and_key_is_not_forwarded(
+    proxy: RunningProxy, scripted: tuple[ScriptedUpstream, str]
+) -> None:
+    key = await proxy.tenant_with_key("acme")
+    headers = {**ACCEPT, "X-API-Key": key, "X-MCP-Tenant": "someone-else"}
+    status, _, _ = await _post(proxy.url, call(1, "add"), headers)
+    assert status == 200
+    (seen,) = scripted[0].requests
+    assert key not in str(seen.headers)
+    assert seen.headers["X-MCP-Tenant"] == "acme"  # the client's copy was replaced
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "words"),
+    [
+        (b"{not json", -32700, "Parse error"),
+        (b"", -32600, "empty"),
+        (b"\xff\xfe", -32700, "Parse error"),
+        (b"42", -32600, "must be an object"),
+        (b'"tools/call"', -32600, "must be an object"),
+        (b"[]", -32600, "empty batch"),
+        (b'{"jsonrpc":"1.0","id":1,"method":"ping"}', -32600, '"jsonrpc" must be "2.0"'),
+        (b'{"jsonrpc":"2.0","id":true,"method":"ping"}', -32600, '"id" must be'),
+        (b'{"jsonrpc":"2.0","id":1,"method":7}', -32600, '"method" must be'),
+        (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":"x"}', -32600, '"params"'),
+        (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{}}', -32602, "params.name"),
+        (
+            b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","arguments":[]}}',
+            -32602,
+            "arguments",
+        ),
+        (
+            b'[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":1,"method":"ping"}]',
+            -32600,
+            "duplicate id",
+        ),
+    ],
+)
+async def test_bad_input_gets_a_precise_error(
+    proxy: RunningProxy, scripted: tuple[ScriptedUpstream, str], body: bytes, code: int, words: str
+) -> None:
+    key = await proxy.tenant_with_key("acme")
+    status, _, doc = await _post(proxy.url, body, bearer(key))
+    assert status == 400
+    assert doc["error"]["code"] == code
+    assert words in doc["error"]["message"]
+    assert scripted[0].requests == []
+    engine = proxy.components.engine
+    assert await engine.used("acme", engine.period(None, None)) == 0
+
+
+async def test_oversized_body_is_413_and_not_forwarded(
+    proxy: RunningProxy, scripted: tuple[ScriptedUpstream, str]
+) -> None:
+    key = await proxy.tenant_with_key("acme")
+    big = (
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","arguments":{"x":"'
+        + b"a" * (10 * 1024 * 1024)
+        + b'"}}}'
+    )
+    status, _, doc = await _post(proxy.url, io.BytesIO(big), bearer(key))
+    assert status == 413
+    assert "limit is 4194304 bytes" in doc["error"]["message"]
+    assert scripted[0].requests == []
+
+
+async def test_hidden_tool_is_unknown_and_filtered_from_list(
+    proxy: RunningProxy, scripted: tuple[ScriptedUpstream, str]
+) -> None:
+    key = await proxy.tenant_with_key("acme")
+    status, _, doc = await _post(proxy.url, call(1, "secret_tool"), bearer(key))
+    assert status == 200
+    assert doc["error"] == {"code": -32602, "message": "Unknown tool: secret_tool"}
+    listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+    status, _, doc = await _post(proxy.url, listing, bearer(key))
+    assert [t["name"] for t in doc["result"]["tools"]] == ["add", "echo"]
+    assert scripted[0].calls() == []
+
+
+async def test_batch_gates_every_element(
+    proxy: RunningProxy, scripted: tuple[ScriptedUpstream, str]
+) -> None:
+    key = await proxy.tenant_with_key("acme")
+    ok_batch = [call(1, "add"), call(2, "echo"), {"jsonrpc": "2.0", "id": 3, "method": "ping"}]
+    async with aiohttp.ClientSession() as http:
+        async with http.post(proxy.url, json=ok_batch, headers=bearer(key)) as r:
+            replies = await r.json()
+        assert sorted(m["id"] for m in replies) == [1, 2, 3]
+        bad_batch = [call(4, "add"), call(5, "secret_tool")]
+        async with http.post(proxy.url, json=bad_batch, headers=bearer(key)) as r:
+            replies = await r.json()
+    assert replies[1]["error"]["message"] == "Unknown tool: secret_tool"
+    assert "Not run" in replies[0]["error"]["message"]
+    engine = proxy.components.engine
+    assert await engine.used("acme", engine.period(None, None)) == 2
+    assert len(proxy.sink.events) == 2
+
+
+async def test_cors_preflight_needs_no_key_and_origins_are_checked(
+    proxy: RunningProxy, scripted: tuple[ScriptedUpstream, str]
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        pre = {"Origin": "https://inspector.example", "Access-Control-Request-Method": "POST"}
+        async with http.options(proxy.url, headers=pre) as r:
+            assert r.status == 204
+            assert r.headers["Access-Control-Allow-Origin"] == "https://inspector.example"
+            assert "Mcp-Session-Id" in r.headers["Access-Control-Allow-Headers"]
+        async with http.options(proxy.url, headers={"Origin": "https://evil.example"}) as r:
+            assert r.status == 403
+        key = await proxy.tenant_with_key("acme")
+        headers = {**bearer(key), "Origin": "https://evil.example"}
+        async with http.post(proxy.url, json=call(1, "add"), headers=headers) as r:
+            assert r.status == 403
+        headers = {**bearer(key), "Origin": "https://inspector.example"}
+        async with http.post(proxy.url, json=call(1, "add"), headers=headers) as r:
+            assert r.status == 200
+            assert "Mcp-Session-Id" in r.headers["Access-Control-Expose-Headers"]
+    (seen,) = scripted[0].requests
+    assert "Origin" not in seen.headers
+
+
+async def test_oauth_discovery_gets_json_404(proxy: RunningProxy) -> None:
+    async with aiohttp.ClientSession() as http:
+        for path in (
+            "/.well-known/oauth-protected-resource",
+            "/.well-known/oauth-authorization-server",
+            "/register",
+        ):
+            async with http.get(proxy.base + path) as r:
+                assert r.status == 404
+                assert r.content_type == "application/json"
