@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -43,8 +44,14 @@ async def _with_store(config: Config, work: Callable[[TenantStore], Awaitable[No
     store = _admin_store(config)
     try:
         await work(store)
+    except (RedisError, OSError) as exc:
+        raise CliError(
+            f"cannot reach Redis ({type(exc).__name__}: {exc}). Check REDIS_URL and that Redis "
+            "is running."
+        ) from None
     finally:
-        await store.close()
+        with contextlib.suppress(RedisError, OSError):
+            await store.close()
 
 
 def _when(ts: int | None) -> str:
@@ -72,7 +79,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _config(args)
     configure(config.log_level)
-    asyncio.run(run_server(config))
+    try:
+        asyncio.run(run_server(config))
+    except OSError as exc:
+        raise CliError(
+            f"cannot listen on {config.listen.host}:{config.listen.port}: {exc.strerror or exc}"
+        ) from None
     return 0
 
 
@@ -227,12 +239,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, TenantError, CliError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (RedisError, OSError) as exc:
-        print(
-            f"error: cannot reach Redis ({type(exc).__name__}: {exc}). Check REDIS_URL and that "
-            "Redis is running.",
-            file=sys.stderr,
-        )
-        return 1
     except KeyboardInterrupt:
         return 130

@@ -117,7 +117,7 @@ class _Reader:
     def __init__(self, data: Mapping[str, Any], path: str, known: set[str]) -> None:
         self._data = data
         self._path = path
-        unknown = sorted(set(data) - known)
+        unknown = sorted(str(k) for k in set(data) - known)
         if unknown:
             valid = ", ".join(sorted(known))
             raise ConfigError(f"{self._key(unknown[0])}: unknown key; valid keys here are {valid}")
@@ -372,6 +372,10 @@ def parse_config(data: Mapping[str, Any] | None, env: Mapping[str, str]) -> Conf
         raise ConfigError(
             "plans: expected a mapping of plan name to plan settings, with at least one plan"
         )
+    for name in plans_raw:
+        if not isinstance(name, str):
+            # YAML reads `2024:` or `on:` as a number or a boolean; settings would be lost.
+            raise ConfigError(f"plans: plan names must be strings; quote {name!r} in the file")
     plans_reader = _Reader(plans_raw, "plans", set(plans_raw))
     plans = {
         str(name): _plan(str(name), plans_reader.section(str(name), _PLAN_KEYS))
@@ -420,6 +424,10 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -
             ) from None
         except OSError as exc:
             raise ConfigError(f"{p}: cannot read config file: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{p}: not valid UTF-8 (byte {exc.start}); save it as UTF-8"
+            ) from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:

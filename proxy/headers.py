@@ -43,8 +43,9 @@ CORS_EXPOSE_HEADERS = "Mcp-Session-Id, MCP-Protocol-Version, WWW-Authenticate, R
 CORS_ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
 
 
-def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
-    value = headers.get("Connection", "")
+def _connection_tokens(headers: CIMultiDict[str]) -> set[str]:
+    # Repeated Connection lines form one list (RFC 9110 5.3).
+    value = ",".join(headers.getall("Connection", []))
     return {t.strip().lower() for t in value.split(",") if t.strip()}
 
 

@@ -92,7 +92,9 @@ def parse_body(raw: bytes) -> Body:
             INVALID_REQUEST, "Invalid Request: the body is empty; POST one JSON-RPC message"
         )
     try:
-        doc = json.loads(raw)
+        # Decode strictly first: json.loads(bytes) would also accept UTF-16/32, which the
+        # upstream may read differently.
+        doc = json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError):
         raise RpcError(PARSE_ERROR, "Parse error: the body is not valid UTF-8 JSON") from None
     if isinstance(doc, list):

@@ -25,6 +25,9 @@ class KeySpace:
     def reservations(self, tenant_id: str) -> str:
         return f"{self.prefix}:{{{tenant_id}}}:resv"
 
+    def reaped(self, tenant_id: str) -> str:
+        return f"{self.prefix}:{{{tenant_id}}}:reaped"
+
     def tenant_index(self) -> str:
         return f"{self.prefix}:tenants"
 

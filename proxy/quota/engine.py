@@ -53,7 +53,7 @@ class QuotaEngine:
             period_start=period.start,
             reservation_id=secrets.token_hex(8),
             cost=cost,
-            counter_expire_at_ms=(period.end + COUNTER_RETENTION_S) * 1000,
+            counter_ttl_ms=max(1, int((period.end + COUNTER_RETENTION_S - now) * 1000)),
         )
         interval_us = tolerance_us = 0
         if plan.rate is not None:

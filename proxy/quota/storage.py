@@ -24,7 +24,7 @@ class Reservation:
     period_start: int
     reservation_id: str
     cost: int
-    counter_expire_at_ms: int
+    counter_ttl_ms: int  # relative, so Redis's clock never has to agree with ours
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +56,12 @@ class QuotaStorage:
     ) -> ReserveResult:
         t = res.tenant_id
         status, used, retry = await self._reserve(
-            keys=[self._k.used(t, res.period_start), self._k.rate(t), self._k.reservations(t)],
+            keys=[
+                self._k.used(t, res.period_start),
+                self._k.rate(t),
+                self._k.reservations(t),
+                self._k.reaped(t),
+            ],
             args=[
                 res.cost,
                 -1 if allowed_total is None else allowed_total,
@@ -64,9 +69,10 @@ class QuotaStorage:
                 tolerance_us,
                 now_us,
                 now_us // 1000,
-                res.counter_expire_at_ms,
+                res.counter_ttl_ms,
                 res.reservation_id,
                 deadline_ms,
+                res.period_start,
             ],
         )
         return ReserveResult(int(status), int(used), int(retry))
@@ -75,12 +81,13 @@ class QuotaStorage:
         """True when the reservation was still held (False: it had been reaped as overdue)."""
         t = res.tenant_id
         held = await self._settle(
-            keys=[self._k.used(t, res.period_start), self._k.reservations(t)],
+            keys=[self._k.used(t, res.period_start), self._k.reservations(t), self._k.reaped(t)],
             args=[
                 res.reservation_id,
                 res.cost,
                 "commit" if commit else "refund",
-                res.counter_expire_at_ms,
+                res.counter_ttl_ms,
+                res.period_start,
             ],
         )
         return bool(held)

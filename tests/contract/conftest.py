@@ -1,9 +1,9 @@
 """Fixtures for the quota contract: one engine per test, on real Redis or the embedded store.
 
-Both backends run the identical Lua scripts. The scripts set absolute expiries (PEXPIREAT)
-computed from the engine's injected clock while the server expires keys by its own clock, so
-the `ManualClock` here starts at the real wall-clock second: the default 2026-01-01 epoch of
-`ManualClock` would put every counter's expiry in the past and Redis would drop it at once.
+Both backends run the identical Lua scripts. The `ManualClock` starts at the current whole
+wall-clock second rather than `ManualClock`'s fixed 2026-01-01 default: Redis expires keys by
+its own clock, so an engine clock far from it could make the server drop (or keep) keys in
+ways production never sees, whether the scripts set expiries absolute or relative.
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ class ScriptedUpstream:
     tools: tuple[str, ...] = ("add", "secret_tool", "echo")
     session_id: str = "sess-1"
     release: asyncio.Event = field(default_factory=asyncio.Event)
+    # SEP-1699: results held back for a resumed GET stream, by session id.
+    parked: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    cancelled: list[str] = field(default_factory=list)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -34,6 +37,10 @@ class ScriptedUpstream:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.requests.append(Seen(request.method, request.path_qs, dict(request.headers), body))
+        if request.method == "GET" and "Last-Event-ID" in request.headers:
+            return await self._resume(request)
+        if request.method == "DELETE":
+            return web.Response(status=200)
         if request.method != "POST":
             return web.Response(status=405, headers={"Allow": "POST"})
         msg = json.loads(body)
@@ -91,13 +98,32 @@ class ScriptedUpstream:
             }
             await resp.write(f"event: message\r\ndata: {json.dumps(note)}\r\n\r\n".encode())
         if name == "sse_wait":
-            await self.release.wait()
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.cancelled.append(str(msg["id"]))
+                raise
         if name == "sse_close_early":
             return resp  # stream ends without the result
+        if name == "sse_resume":
+            # Close the POST stream early and deliver the result on the next GET (SEP-1699).
+            session = request.headers.get("Mcp-Session-Id", "")
+            self.parked.setdefault(session, []).append(self._result(msg))
+            await resp.write(b"retry: 10\n\n")
+            return resp
         result = json.dumps(self._result(msg))
         # Split the final event mid-line to exercise chunk reassembly.
         await resp.write(f"event: message\ndata: {result[:7]}".encode())
         await resp.write(f"{result[7:]}\n\n".encode())
+        await resp.write_eof()
+        return resp
+
+    async def _resume(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        session = request.headers.get("Mcp-Session-Id", "")
+        for n, result in enumerate(self.parked.pop(session, []), start=2):
+            await resp.write(f"id: {n}\ndata: {json.dumps(result)}\n\n".encode())
         await resp.write_eof()
         return resp
 

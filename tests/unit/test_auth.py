@@ -32,7 +32,7 @@ def headers(*pairs: tuple[str, str]) -> CIMultiDict[str]:
 
 def test_new_key_format() -> None:
     key, key_id = new_key(PREFIX)
-    assert re.fullmatch(r"[0-9a-f]{%d}" % (KEY_ID_BYTES * 2), key_id)
+    assert re.fullmatch(rf"[0-9a-f]{{{KEY_ID_BYTES * 2}}}", key_id)
     assert key.startswith(f"{PREFIX}{key_id}_")
     secret = key[len(PREFIX) + len(key_id) + 1 :]
     assert re.fullmatch(r"[A-Za-z0-9_-]{43}", secret)  # token_urlsafe(32)

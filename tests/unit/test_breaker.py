@@ -32,15 +32,20 @@ def breaker(clock: FakeTime) -> CircuitBreaker:
     return CircuitBreaker(FAILURES, COOLDOWN, clock)
 
 
+def state(breaker: CircuitBreaker) -> BreakerState:
+    """Read the state through a call, so mypy does not narrow it across transitions."""
+    return breaker.state
+
+
 def trip(breaker: CircuitBreaker) -> None:
     for _ in range(FAILURES):
         assert breaker.allow()
         breaker.failure()
-    assert breaker.state is BreakerState.OPEN
+    assert state(breaker) is BreakerState.OPEN
 
 
 def test_starts_closed_and_allows(breaker: CircuitBreaker) -> None:
-    assert breaker.state is BreakerState.CLOSED
+    assert state(breaker) is BreakerState.CLOSED
     assert breaker.allow()
     assert breaker.allow()
 
@@ -48,17 +53,17 @@ def test_starts_closed_and_allows(breaker: CircuitBreaker) -> None:
 def test_opens_after_consecutive_failures(breaker: CircuitBreaker) -> None:
     for _ in range(FAILURES - 1):
         breaker.failure()
-        assert breaker.state is BreakerState.CLOSED
+        assert state(breaker) is BreakerState.CLOSED
         assert breaker.allow()
     breaker.failure()
-    assert breaker.state is BreakerState.OPEN
+    assert state(breaker) is BreakerState.OPEN
     assert not breaker.allow()
 
 
 def test_threshold_of_one_opens_on_first_failure(clock: FakeTime) -> None:
     breaker = CircuitBreaker(1, COOLDOWN, clock)
     breaker.failure()
-    assert breaker.state is BreakerState.OPEN
+    assert state(breaker) is BreakerState.OPEN
 
 
 def test_success_resets_failure_count(breaker: CircuitBreaker) -> None:
@@ -67,10 +72,10 @@ def test_success_resets_failure_count(breaker: CircuitBreaker) -> None:
     breaker.success()
     for _ in range(FAILURES - 1):
         breaker.failure()
-    assert breaker.state is BreakerState.CLOSED
+    assert state(breaker) is BreakerState.CLOSED
     assert breaker.allow()
     breaker.failure()
-    assert breaker.state is BreakerState.OPEN
+    assert state(breaker) is BreakerState.OPEN
 
 
 def test_refuses_throughout_cooldown(breaker: CircuitBreaker, clock: FakeTime) -> None:
@@ -80,7 +85,7 @@ def test_refuses_throughout_cooldown(breaker: CircuitBreaker, clock: FakeTime) -
     assert not breaker.allow()
     clock.advance(COOLDOWN / 2 - EPS)
     assert not breaker.allow()
-    assert breaker.state is BreakerState.OPEN
+    assert state(breaker) is BreakerState.OPEN
 
 
 def test_half_open_after_cooldown_lets_exactly_one_probe(
@@ -89,11 +94,11 @@ def test_half_open_after_cooldown_lets_exactly_one_probe(
     trip(breaker)
     clock.advance(COOLDOWN)
     assert breaker.allow()
-    assert breaker.state is BreakerState.HALF_OPEN
+    assert state(breaker) is BreakerState.HALF_OPEN
     assert not breaker.allow()
     clock.advance(COOLDOWN / 2)
     assert not breaker.allow()
-    assert breaker.state is BreakerState.HALF_OPEN
+    assert state(breaker) is BreakerState.HALF_OPEN
 
 
 def test_probe_success_closes(breaker: CircuitBreaker, clock: FakeTime) -> None:
@@ -101,12 +106,12 @@ def test_probe_success_closes(breaker: CircuitBreaker, clock: FakeTime) -> None:
     clock.advance(COOLDOWN)
     assert breaker.allow()
     breaker.success()
-    assert breaker.state is BreakerState.CLOSED
+    assert state(breaker) is BreakerState.CLOSED
     assert breaker.allow()
     assert breaker.allow()
     # The count starts over: one failure does not reopen it.
     breaker.failure()
-    assert breaker.state is BreakerState.CLOSED
+    assert state(breaker) is BreakerState.CLOSED
 
 
 def test_probe_failure_reopens_immediately(breaker: CircuitBreaker, clock: FakeTime) -> None:
@@ -114,14 +119,14 @@ def test_probe_failure_reopens_immediately(breaker: CircuitBreaker, clock: FakeT
     clock.advance(COOLDOWN + 1)
     assert breaker.allow()
     breaker.failure()
-    assert breaker.state is BreakerState.OPEN
+    assert state(breaker) is BreakerState.OPEN
     assert not breaker.allow()
     # The new cooldown counts from the failed probe.
     clock.advance(COOLDOWN - EPS)
     assert not breaker.allow()
     clock.advance(EPS)
     assert breaker.allow()
-    assert breaker.state is BreakerState.HALF_OPEN
+    assert state(breaker) is BreakerState.HALF_OPEN
 
 
 def test_lost_probe_allows_another_after_cooldown(breaker: CircuitBreaker, clock: FakeTime) -> None:
@@ -132,7 +137,7 @@ def test_lost_probe_allows_another_after_cooldown(breaker: CircuitBreaker, clock
     assert not breaker.allow()
     clock.advance(EPS)
     assert breaker.allow()
-    assert breaker.state is BreakerState.HALF_OPEN
+    assert state(breaker) is BreakerState.HALF_OPEN
     assert not breaker.allow()
     breaker.success()
-    assert breaker.state is BreakerState.CLOSED
+    assert state(breaker) is BreakerState.CLOSED

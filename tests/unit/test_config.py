@@ -394,11 +394,6 @@ def test_sample_config_loads() -> None:
 # --- bugs -----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeDecodeError,
-    reason="BUG: load_config lets UnicodeDecodeError escape instead of raising ConfigError",
-)
 def test_load_config_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_bytes('log_level: "café"\n'.encode("latin-1"))
@@ -406,11 +401,6 @@ def test_load_config_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
         load_config(path, {})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: a plan whose YAML name is not a string (e.g. 2024:) silently loses its settings",
-)
 def test_numeric_plan_name_keeps_its_settings_or_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text("plans:\n  2024:\n    included_units: 5\n", encoding="utf-8")
@@ -423,11 +413,6 @@ def test_numeric_plan_name_keeps_its_settings_or_is_rejected(tmp_path: Path) -> 
     assert cfg.plan("2024").included_units == 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="BUG: unknown keys of mixed types make _Reader raise TypeError, not ConfigError",
-)
 def test_unknown_keys_of_mixed_types_give_config_error(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text("proxy:\n  bogus: 1\n  2: 3\n", encoding="utf-8")

@@ -324,12 +324,6 @@ def test_is_modern(version: str | None, modern: bool) -> None:
 # --- bugs -----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="BUG: parse_body uses json.loads(bytes), which auto-detects UTF-16/32 and "
-    "decodes with surrogatepass, so non-UTF-8 bodies pass validation",
-)
 @pytest.mark.parametrize(
     "raw",
     [

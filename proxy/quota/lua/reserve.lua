@@ -1,10 +1,12 @@
 -- Reserve quota for one call atomically: every limit is checked before anything is written,
 -- so a refusal changes nothing and an acceptance changes everything at once.
--- KEYS[1] used counter for the period   KEYS[2] rate state (GCRA theoretical arrival time, us)
--- KEYS[3] reservations (zset of "id:cost" scored by deadline ms)
+-- KEYS[1] used counter of the current period   KEYS[2] rate state (GCRA arrival time, us)
+-- KEYS[3] held reservations (zset "id:period:cost" -> deadline ms)
+-- KEYS[4] reaped reservations (zset "id:period:cost" -> forget-after ms)
 -- ARGV: cost, allowed_total (-1 = unlimited), interval_us (0 = no rate limit),
---       tolerance_us ((burst - 1) * interval_us), now_us, now_ms, counter_expire_at_ms,
---       reservation_id, reservation_deadline_ms
+--       tolerance_us ((burst - 1) * interval_us), now_us, now_ms, counter_ttl_ms,
+--       reservation_id, reservation_deadline_ms, period_start
+-- Expiries are relative (PEXPIRE): the caller's clock, not Redis's, decides periods.
 -- Returns {status, used_after, retry_after_ms}; status 1 allowed, 0 quota, 2 rate.
 local cost = tonumber(ARGV[1])
 local allowed_total = tonumber(ARGV[2])
@@ -12,16 +14,21 @@ local interval = tonumber(ARGV[3])
 local tolerance = tonumber(ARGV[4])
 local now_us = tonumber(ARGV[5])
 local now_ms = tonumber(ARGV[6])
+local period = ARGV[10]
 
--- Reservations whose holder died (process killed mid-call) are refunded once overdue.
+-- Reservations whose holder died (killed mid-call) are refunded once overdue, into their own
+-- period; a late commit finds them in the reaped set and charges them again exactly once.
 local overdue = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now_ms)
 if #overdue > 0 then
   local back = 0
   for _, member in ipairs(overdue) do
-    back = back + tonumber(string.match(member, ':(%d+)$'))
+    local p, c = string.match(member, ':(%d+):(%d+)$')
+    if p == period then back = back + tonumber(c) end
+    redis.call('ZADD', KEYS[4], now_ms + tonumber(ARGV[7]), member)
   end
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now_ms)
-  if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('PEXPIRE', KEYS[4], ARGV[7])
+  if back > 0 and redis.call('EXISTS', KEYS[1]) == 1 then
     redis.call('DECRBY', KEYS[1], back)
   end
 end
@@ -41,13 +48,13 @@ if interval > 0 then
 end
 
 local after = redis.call('INCRBY', KEYS[1], cost)
-redis.call('PEXPIREAT', KEYS[1], ARGV[7])
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
 if interval > 0 then
   local next_tat = tat + interval
   -- %d keeps all digits: Lua's default number format would round microsecond timestamps.
   redis.call('SET', KEYS[2], string.format('%d', next_tat),
              'PX', string.format('%d', math.ceil((next_tat - now_us) / 1000) + 1000))
 end
-redis.call('ZADD', KEYS[3], ARGV[9], ARGV[8] .. ':' .. cost)
-redis.call('PEXPIREAT', KEYS[3], ARGV[9])
+redis.call('ZADD', KEYS[3], ARGV[9], ARGV[8] .. ':' .. period .. ':' .. cost)
+redis.call('PEXPIRE', KEYS[3], ARGV[7])
 return {1, after, 0}
