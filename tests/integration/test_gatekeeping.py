@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections.abc import AsyncIterator
 from typing import Any
@@ -70,14 +71,16 @@ async def test_revoked_key_is_401(
     tenants = proxy.components.tenants
     (info,) = await tenants.list_keys("acme")
     await tenants.revoke_key("acme", info.key_id)
-    seen = len(scripted[0].requests)
-    status = 200
-    for _ in range(50):  # bounded: the in-process invalidation lands within a loop turn or two
-        status = (await _post(proxy.url, call(2, "add"), bearer(key)))[0]
-        if status == 401:
+    directory = proxy.components.directory
+    for _ in range(100):  # bounded: the invalidation arrives over pub/sub within a loop turn
+        if (await directory.authenticate(key))[0] is None:
             break
+        await asyncio.sleep(0.001)
+    seen = len(scripted[0].requests)
+    status, _, doc = await _post(proxy.url, call(2, "add"), bearer(key))
     assert status == 401
-    assert len(scripted[0].requests) <= seen + 1
+    assert doc["error"]["code"] == -31401
+    assert len(scripted[0].requests) == seen
 
 
 async def test_x_api_key_header_works_and_key_is_not_forwarded(
