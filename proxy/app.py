@@ -26,7 +26,8 @@ from .settle import Settler
 from .store import StoreClients, StoreGuard, connect
 from .tasks import TaskSet
 from .tenants import TenantStore
-from .usage.sink import MemorySink, UsageSink
+from .usage.sink import UsageSink
+from .usage.spool import Spool
 
 log = structlog.get_logger(__name__)
 
@@ -80,7 +81,10 @@ def build_components(
         fail_open=config.redis.fail_mode == "open",
         reservation_ttl_s=config.redis.reservation_ttl_s,
     )
-    sink = sink or MemorySink()
+    if sink is None:
+        from .usage.runner import open_spool
+
+        sink = open_spool(config)
     return Components(
         config=config,
         clock=clock,
@@ -145,11 +149,19 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         http,
         c.directory,
         c.sessions,
-        Settler(c.engine, c.sink, c.clock, bill_tool_errors=c.config.proxy.bill_tool_errors),
+        Settler(
+            c.engine,
+            c.sink,
+            c.clock,
+            bill_tool_errors=c.config.proxy.bill_tool_errors,
+            token_meta_key=c.config.billing.token_meta_key,
+        ),
         c.engine,
         c.clock,
         c.tasks,
     )
+    if isinstance(c.sink, Spool):
+        await c.sink.open()
     await c.directory.start()
     reaper = asyncio.create_task(_reap_forever(c.proxy), name="reap-deferred")
     try:
@@ -159,6 +171,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await reaper
         await c.tasks.drain()
+        if isinstance(c.sink, Spool):
+            await c.sink.close()
         await c.directory.stop()
         await http.close()
         await c.stores.close()

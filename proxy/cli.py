@@ -80,11 +80,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args)
     configure(config.log_level)
     try:
-        asyncio.run(run_server(config))
+        asyncio.run(run_server(config, config_path=args.config))
     except OSError as exc:
         raise CliError(
             f"cannot listen on {config.listen.host}:{config.listen.port}: {exc.strerror or exc}"
         ) from None
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    from .logs import configure
+    from .usage.runner import drain
+
+    config = _config(args)
+    configure(config.log_level)
+    if not config.billing.enabled:
+        raise CliError(
+            "billing.enabled is false: there is nothing to send. Enable it in config.yaml and "
+            "set STRIPE_SECRET_KEY."
+        )
+    report = asyncio.run(drain(config, once=args.once))
+    if report is not None:
+        print(
+            f"claimed {report.claimed_batches} batches; sent {report.sent}, duplicates "
+            f"{report.duplicates}, rejected {report.rejected}, to retry {report.retries}; "
+            f"{report.finished_batches} batches reported"
+        )
+        return 1 if report.retries or report.rejected else 0
     return 0
 
 

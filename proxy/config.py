@@ -93,6 +93,38 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    path: str = "spool/usage.db"
+    synchronous: Literal["normal", "full"] = "normal"
+    replica_id: str = ""  # empty: the host name (the pod name in Kubernetes)
+    retention_days: int = 35
+
+
+@dataclass(frozen=True, slots=True)
+class DrainConfig:
+    embedded: bool = True  # `serve` supervises a drainer child process
+    interval_s: float = 5.0
+    max_batch: int = 10_000
+    max_calls_per_second: float = 20.0
+    age_alarm_days: int = 28
+
+
+@dataclass(frozen=True, slots=True)
+class BillingConfig:
+    enabled: bool = False
+    meter_event_name: str = "mcp_tool_calls"
+    token_meter_event_name: str = ""  # empty: token counts are not billed
+    token_meta_key: str = ""  # a key in a tool result's _meta holding its token count
+    stripe_secret_key: str = ""
+    stripe_api_base: str = ""  # a fake or a proxy; empty: Stripe itself
+    webhook_secret: str = ""
+
+    def meter_names(self) -> tuple[str, ...]:
+        names = (self.meter_event_name, self.token_meter_event_name)
+        return tuple(n for n in names if n)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: ListenConfig
     upstream: UpstreamConfig
@@ -101,6 +133,9 @@ class Config:
     auth: AuthConfig
     plans: Mapping[str, Plan]
     default_plan: str
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    drain: DrainConfig = field(default_factory=DrainConfig)
+    billing: BillingConfig = field(default_factory=BillingConfig)
     log_level: str = "info"
 
     def plan(self, name: str) -> Plan:
@@ -266,7 +301,19 @@ def parse_config(data: Mapping[str, Any] | None, env: Mapping[str, str]) -> Conf
     top = _Reader(
         data,
         "",
-        {"listen", "upstream", "proxy", "redis", "auth", "plans", "default_plan", "log_level"},
+        {
+            "listen",
+            "upstream",
+            "proxy",
+            "redis",
+            "auth",
+            "plans",
+            "default_plan",
+            "log_level",
+            "spool",
+            "drain",
+            "billing",
+        },
     )
 
     lr = top.section("listen", {"host", "port"})
@@ -388,6 +435,9 @@ def parse_config(data: Mapping[str, Any] | None, env: Mapping[str, str]) -> Conf
         )
     log_level = top.choice("log_level", "info", ("debug", "info", "warning", "error"))
     return Config(
+        spool=_spool(top),
+        drain=_drain(top),
+        billing=_billing(top, env),
         listen=listen,
         upstream=upstream,
         proxy=proxy,
@@ -396,6 +446,83 @@ def parse_config(data: Mapping[str, Any] | None, env: Mapping[str, str]) -> Conf
         plans=plans,
         default_plan=default_plan,
         log_level=log_level,
+    )
+
+
+_EVENT_NAME_RE = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+
+
+def _spool(top: _Reader) -> SpoolConfig:
+    r = top.section("spool", {"path", "synchronous", "replica_id", "retention_days"})
+    replica = r.string("replica_id", "")
+    if replica and not re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", replica):
+        raise ConfigError("spool.replica_id: 1-40 letters, digits, '.', '_' or '-'")
+    return SpoolConfig(
+        path=r.string("path", "spool/usage.db"),
+        synchronous="full"
+        if r.choice("synchronous", "normal", ("normal", "full")) == "full"
+        else "normal",
+        replica_id=replica,
+        retention_days=r.required_int("retention_days", 35, minimum=1),
+    )
+
+
+def _drain(top: _Reader) -> DrainConfig:
+    r = top.section(
+        "drain", {"embedded", "interval_s", "max_batch", "max_calls_per_second", "age_alarm_days"}
+    )
+    per_second = r.number("max_calls_per_second", 20.0)
+    if per_second <= 0:
+        raise ConfigError("drain.max_calls_per_second: expected a number > 0")
+    alarm = r.required_int("age_alarm_days", 28, minimum=1)
+    if alarm >= 35:
+        raise ConfigError(
+            "drain.age_alarm_days: must be below 35, Stripe's limit for an event's timestamp"
+        )
+    return DrainConfig(
+        embedded=r.boolean("embedded", True),
+        interval_s=r.number("interval_s", 5.0, minimum=0.05),
+        max_batch=r.required_int("max_batch", 10_000, minimum=1),
+        max_calls_per_second=per_second,
+        age_alarm_days=alarm,
+    )
+
+
+def _billing(top: _Reader, env: Mapping[str, str]) -> BillingConfig:
+    r = top.section(
+        "billing", {"enabled", "meter_event_name", "token_meter_event_name", "token_meta_key"}
+    )
+    enabled = r.boolean("enabled", False)
+    names = {}
+    for key, default in (("meter_event_name", "mcp_tool_calls"), ("token_meter_event_name", "")):
+        value = r.string(key, default)
+        if value and not _EVENT_NAME_RE.fullmatch(value):
+            raise ConfigError(f"billing.{key}: 1-100 letters, digits, '_', '.', ':' or '-'")
+        names[key] = value
+    if not names["meter_event_name"]:
+        raise ConfigError("billing.meter_event_name: must be set, e.g. mcp_tool_calls")
+    token_key = r.string("token_meta_key", "")
+    if names["token_meter_event_name"] and not token_key:
+        raise ConfigError(
+            "billing.token_meta_key: set it (e.g. tokens) when token_meter_event_name is set"
+        )
+    secret = env.get(ENV_STRIPE_SECRET_KEY, "")
+    if enabled and not secret.startswith(("sk_", "rk_")):
+        raise ConfigError(
+            f"{ENV_STRIPE_SECRET_KEY}: billing.enabled is true, so set a Stripe secret key "
+            "(sk_live_..., sk_test_... or a restricted rk_... key)"
+        )
+    api_base = env.get(ENV_STRIPE_API_BASE, "").rstrip("/")
+    if api_base:
+        _url_like(api_base, ENV_STRIPE_API_BASE, ("http", "https"))
+    return BillingConfig(
+        enabled=enabled,
+        meter_event_name=names["meter_event_name"],
+        token_meter_event_name=names["token_meter_event_name"],
+        token_meta_key=token_key,
+        stripe_secret_key=secret,
+        stripe_api_base=api_base,
+        webhook_secret=env.get(ENV_STRIPE_WEBHOOK_SECRET, ""),
     )
 
 

@@ -88,6 +88,7 @@ async def gate(
                 tenant=tenant,
                 request_id=request_id,
                 session_id=session_id,
+                billed=plan.billed,
             )
         else:
             out.replies[rpc_id] = refusal(rpc_id, decision, cfg, modern)

@@ -55,6 +55,7 @@ async def startup_checks(c: Components) -> None:
 async def run_server(
     config: Config,
     *,
+    config_path: str | None = None,
     components: Components | None = None,
     on_ready: Callable[[str], Awaitable[None]] | None = None,
     stop: asyncio.Event | None = None,
@@ -75,10 +76,17 @@ async def run_server(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    drainer: asyncio.Task[None] | None = None
+    if config.billing.enabled and config.drain.embedded:
+        from .usage.runner import supervise
+
+        drainer = asyncio.create_task(supervise(config_path, stop), name="drainer-supervisor")
     try:
         if on_ready is not None:
             await on_ready(url)
         await stop.wait()
+        if drainer is not None:
+            await drainer  # the child makes its final attempt within its grace period
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

@@ -24,6 +24,19 @@ class PendingCall:
     tenant: Tenant
     request_id: str
     session_id: str | None
+    billed: bool = False  # the plan is billed through Stripe
+
+
+def token_count(message: dict[str, Any], meta_key: str) -> int | None:
+    """A whole, non-negative token count at result._meta[meta_key], else None (pure)."""
+    if not meta_key:
+        return None
+    result = message.get("result")
+    meta = result.get("_meta") if isinstance(result, dict) else None
+    value = meta.get(meta_key) if isinstance(meta, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
 
 
 def billable(message: dict[str, Any], bill_tool_errors: bool) -> tuple[bool, str]:
@@ -42,12 +55,19 @@ def billable(message: dict[str, Any], bill_tool_errors: bool) -> tuple[bool, str
 
 class Settler:
     def __init__(
-        self, engine: QuotaEngine, sink: UsageSink, clock: Clock, *, bill_tool_errors: bool
+        self,
+        engine: QuotaEngine,
+        sink: UsageSink,
+        clock: Clock,
+        *,
+        bill_tool_errors: bool,
+        token_meta_key: str = "",
     ) -> None:
         self._engine = engine
         self._sink = sink
         self._clock = clock
         self._bill_tool_errors = bill_tool_errors
+        self._token_meta_key = token_meta_key
 
     async def final(self, call: PendingCall, message: dict[str, Any]) -> str:
         """Settle from the final response; returns the outcome. Durable before it returns."""
@@ -71,6 +91,8 @@ class Settler:
                 session_id=call.session_id,
                 outcome=outcome,
                 degraded=call.reservation is None,
+                tokens=token_count(message, self._token_meta_key),
+                billable=call.billed and call.tenant.stripe_customer is not None,
             )
         )
         return outcome

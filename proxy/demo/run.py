@@ -9,6 +9,7 @@ import importlib.util
 import json
 import shlex
 import sys
+import tempfile
 import time
 
 from ..app import build_components
@@ -62,7 +63,7 @@ def _curl(url: str, key: str) -> str:
     )
 
 
-async def _demo(port: int) -> None:
+async def _demo(port: int, spool_dir: str) -> None:
     upstream, upstream_url = await _start_upstream()
     try:
         # An empty environment: the demo always runs on the embedded store, even if REDIS_URL
@@ -72,6 +73,7 @@ async def _demo(port: int) -> None:
                 "listen": {"host": "127.0.0.1", "port": port},
                 "upstream": {"url": upstream_url.removesuffix("/mcp")},
                 "plans": {"free": DEMO_PLAN},
+                "spool": {"path": f"{spool_dir}/usage.db"},
                 "log_level": "warning",
             },
             {},
@@ -117,6 +119,9 @@ def run_demo(port: int) -> int:
             file=sys.stderr,
         )
         return 2
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_demo(port))
+    with (
+        tempfile.TemporaryDirectory(prefix="mqp-demo-") as spool_dir,
+        contextlib.suppress(KeyboardInterrupt),
+    ):
+        asyncio.run(_demo(port, spool_dir))
     return 0

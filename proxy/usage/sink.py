@@ -21,6 +21,7 @@ class UsageEvent:
     outcome: str  # "ok" (or "tool_error" when such results are billed)
     degraded: bool  # decided without the quota store (fail_mode open)
     tokens: int | None = None
+    billable: bool = False  # has a Stripe customer and a billed plan: the drainer sends it
 
 
 class UsageSink(Protocol):

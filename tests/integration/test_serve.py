@@ -58,6 +58,7 @@ def serve_env(
         "upstream": {"url": scripted[1]},
         "redis": {"key_prefix": key_prefix},
         "plans": {"free": {"included_units": 2}},
+        "spool": {"path": str(tmp_path / "usage.db")},
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -117,7 +118,9 @@ async def test_serve_warns_about_an_empty_store_then_serves_and_stops_cleanly(
 async def test_serve_names_an_unreachable_store(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     port = free_port()
-    path.write_text(yaml.safe_dump({"listen": {"port": port}}))
+    path.write_text(
+        yaml.safe_dump({"listen": {"port": port}, "spool": {"path": str(tmp_path / "u.db")}})
+    )
     env = {
         **os.environ,
         "REDIS_URL": "redis://127.0.0.1:1/0",

@@ -1,0 +1,378 @@
+"""The local usage spool: an SQLite file (WAL) that is the billing audit log of one replica.
+
+Appends are group-committed: one writer task turns every append that arrives while a commit
+is in flight into the next transaction, and each caller resumes only once its row is
+committed. Nothing leaves the spool before Stripe has accepted it.
+
+Durability: with `synchronous=normal` (WAL) a committed row survives the process being
+killed at any instant (it is in the WAL, in the OS page cache); a power loss or kernel crash
+can lose the last few commits. `synchronous=full` fsyncs every commit and survives those too,
+at the price of one fsync per group commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosqlite
+
+from .sink import UsageEvent
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: events, batches and the meter events each batch becomes.
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        ts REAL NOT NULL,
+        tenant_id TEXT NOT NULL,
+        stripe_customer TEXT,
+        plan TEXT NOT NULL,
+        method TEXT NOT NULL,
+        tool TEXT,
+        units INTEGER NOT NULL,
+        tokens INTEGER,
+        request_id TEXT NOT NULL,
+        rpc_id TEXT NOT NULL,
+        session_id TEXT,
+        replica_id TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        degraded INTEGER NOT NULL,
+        billable INTEGER NOT NULL,
+        batch_id INTEGER,
+        reported_at REAL
+    );
+    CREATE INDEX events_unclaimed ON events (id) WHERE batch_id IS NULL AND billable = 1;
+    CREATE INDEX events_batch ON events (batch_id);
+    CREATE INDEX events_tenant_ts ON events (tenant_id, ts);
+    CREATE TABLE batches (
+        id INTEGER PRIMARY KEY,
+        created_at REAL NOT NULL,
+        reported_at REAL
+    );
+    CREATE TABLE batch_groups (
+        batch_id INTEGER NOT NULL,
+        stripe_customer TEXT NOT NULL,
+        event_name TEXT NOT NULL,
+        value INTEGER NOT NULL,
+        timestamp INTEGER NOT NULL,
+        identifier TEXT NOT NULL UNIQUE,
+        state TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        sent_at REAL,
+        PRIMARY KEY (batch_id, stripe_customer, event_name)
+    );
+    """,
+)
+
+INSERT_EVENT = """
+    INSERT INTO events (ts, tenant_id, stripe_customer, plan, method, tool, units, tokens,
+        request_id, rpc_id, session_id, replica_id, outcome, degraded, billable)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+MAX_GROUP_COMMIT = 1024
+
+
+class SpoolError(RuntimeError):
+    """The spool could not record an event; the caller must not release the result."""
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """One meter event to send: a batch's total for one customer and meter."""
+
+    batch_id: int
+    stripe_customer: str
+    event_name: str
+    value: int
+    timestamp: int
+    identifier: str
+    state: str
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    unreported: int  # billable events not yet accepted by Stripe
+    oldest_unreported_ts: float | None
+    unbillable: int  # kept, never sent (no Stripe customer, or an unbilled plan)
+    rejected_groups: int
+
+
+@dataclass(frozen=True, slots=True)
+class TenantUsage:
+    units: int
+    reported: int
+    pending: int
+    unbillable: int
+    tokens: int
+
+
+def identifier_for(spool_id: str, batch_id: int, customer: str, event_name: str) -> str:
+    """Deterministic per (spool file, batch, customer, meter): a re-send after a crash reuses
+    it, so Stripe's duplicate answer means "already delivered". The spool id is random per
+    file, so a replica that restarts with a fresh spool can never reuse an old identifier."""
+    digest = hashlib.sha256(f"{customer}\x00{event_name}".encode()).hexdigest()[:20]
+    return f"mqp-{spool_id}-{batch_id}-{digest}"
+
+
+class Spool:
+    def __init__(self, path: str | Path, *, synchronous: str, replica_id: str) -> None:
+        self._path = Path(path)
+        self._synchronous = synchronous.upper()
+        self.replica_id = replica_id
+        self.spool_id = ""
+        self._db: aiosqlite.Connection | None = None
+        self._queue: asyncio.Queue[tuple[tuple[object, ...], asyncio.Future[None]]] = (
+            asyncio.Queue()
+        )
+        self._writer: asyncio.Task[None] | None = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise SpoolError("the spool is not open")
+        return self._db
+
+    async def open(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = await aiosqlite.connect(self._path)
+        await self._db.execute("PRAGMA journal_mode=WAL")
+        await self._db.execute(f"PRAGMA synchronous={self._synchronous}")
+        # Proxy and drainer are two processes on one file: wait for the other's lock.
+        await self._db.execute("PRAGMA busy_timeout=10000")
+        await self._migrate()
+        self._writer = asyncio.create_task(self._write_forever(), name="spool-writer")
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            # Flush what is queued before stopping: each of those callers awaits its commit.
+            await self._queue.join()
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+            self._writer = None
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def _migrate(self) -> None:
+        db = self.db
+        version = (await (await db.execute("PRAGMA user_version")).fetchone() or (0,))[0]
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            await db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version={number};\nCOMMIT;")
+        row = await (await db.execute("SELECT value FROM meta WHERE key='spool_id'")).fetchone()
+        if row is None:
+            await db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('spool_id', ?)",
+                (secrets.token_hex(6),),
+            )
+            await db.commit()
+            row = await (await db.execute("SELECT value FROM meta WHERE key='spool_id'")).fetchone()
+        assert row is not None
+        self.spool_id = str(row[0])
+
+    # --- the hot path ----------------------------------------------------------------------
+
+    async def append(self, event: UsageEvent) -> None:
+        """Returns once the event is committed (group commit with concurrent appends)."""
+        if self._writer is None:
+            raise SpoolError("the spool is not open")
+        row = (
+            event.timestamp,
+            event.tenant_id,
+            event.stripe_customer,
+            event.plan,
+            event.method,
+            event.tool,
+            event.units,
+            event.tokens,
+            event.request_id,
+            event.rpc_id,
+            event.session_id,
+            self.replica_id,
+            event.outcome,
+            int(event.degraded),
+            int(event.billable),
+        )
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((row, done))
+        await done
+
+    async def _write_forever(self) -> None:
+        while True:
+            items = [await self._queue.get()]
+            while len(items) < MAX_GROUP_COMMIT and not self._queue.empty():
+                items.append(self._queue.get_nowait())
+            try:
+                await self.db.executemany(INSERT_EVENT, [row for row, _ in items])
+                await self.db.commit()
+            except Exception as exc:  # any failure fails every caller of this group
+                with contextlib.suppress(Exception):
+                    await self.db.rollback()
+                for _, done in items:
+                    if not done.done():
+                        done.set_exception(SpoolError(f"spool write failed: {exc}"))
+            else:
+                for _, done in items:
+                    if not done.done():
+                        done.set_result(None)
+            finally:
+                for _ in items:
+                    self._queue.task_done()
+
+    # --- the drainer's side ----------------------------------------------------------------
+
+    async def claim_batch(
+        self, now: float, max_events: int, meters: Sequence[tuple[str, str]]
+    ) -> int | None:
+        """Move up to max_events unclaimed billable events into a new batch and write the
+        meter events it becomes, in one transaction committed before anything is sent.
+        `meters` pairs a meter event name with the column it sums ("units" or "tokens")."""
+        db = self.db
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            cur = await db.execute("INSERT INTO batches (created_at) VALUES (?)", (now,))
+            batch_id = cur.lastrowid
+            assert batch_id is not None
+            cur = await db.execute(
+                "UPDATE events SET batch_id = ? WHERE id IN (SELECT id FROM events "
+                "WHERE batch_id IS NULL AND billable = 1 ORDER BY id LIMIT ?)",
+                (batch_id, max_events),
+            )
+            if cur.rowcount == 0:
+                await db.rollback()
+                return None
+            for event_name, column in meters:
+                if column not in ("units", "tokens"):  # interpolated below: a fixed set only
+                    raise ValueError(f"cannot meter column {column!r}")
+                rows = await db.execute_fetchall(
+                    f"SELECT stripe_customer, SUM({column}), MAX(ts) FROM events "
+                    "WHERE batch_id = ? GROUP BY stripe_customer",
+                    (batch_id,),
+                )
+                for customer, total, newest in rows:
+                    await db.execute(
+                        "INSERT INTO batch_groups (batch_id, stripe_customer, event_name, value, "
+                        "timestamp, identifier, state) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            batch_id,
+                            customer,
+                            event_name,
+                            int(total or 0),
+                            int(newest),
+                            identifier_for(self.spool_id, batch_id, customer, event_name),
+                            "pending" if total else "sent",  # nothing to bill: done
+                        ),
+                    )
+            await db.commit()
+        except BaseException:
+            await db.rollback()
+            raise
+        return batch_id
+
+    async def open_groups(self) -> list[Group]:
+        """Meter events of claimed batches that Stripe has not accepted yet, oldest first."""
+        rows = await self.db.execute_fetchall(
+            "SELECT batch_id, stripe_customer, event_name, value, timestamp, identifier, state, "
+            "attempts FROM batch_groups WHERE state = 'pending' ORDER BY batch_id, identifier"
+        )
+        return [Group(*row) for row in rows]
+
+    async def mark_group(
+        self, group: Group, *, state: str, now: float, error: str | None = None
+    ) -> None:
+        await self.db.execute(
+            "UPDATE batch_groups SET state = ?, attempts = attempts + 1, last_error = ?, "
+            "sent_at = CASE WHEN ? = 'sent' THEN ? ELSE sent_at END "
+            "WHERE batch_id = ? AND stripe_customer = ? AND event_name = ?",
+            (state, error, state, now, group.batch_id, group.stripe_customer, group.event_name),
+        )
+        await self.db.commit()
+
+    async def note_attempt(self, group: Group, error: str) -> None:
+        await self.db.execute(
+            "UPDATE batch_groups SET attempts = attempts + 1, last_error = ? "
+            "WHERE batch_id = ? AND stripe_customer = ? AND event_name = ?",
+            (error, group.batch_id, group.stripe_customer, group.event_name),
+        )
+        await self.db.commit()
+
+    async def finish_batches(self, now: float) -> int:
+        """Mark batches whose meter events were all accepted as reported; returns how many."""
+        db = self.db
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            rows = await db.execute_fetchall(
+                "SELECT id FROM batches b WHERE reported_at IS NULL AND NOT EXISTS ("
+                "SELECT 1 FROM batch_groups g WHERE g.batch_id = b.id AND g.state != 'sent')"
+            )
+            ids = [r[0] for r in rows]
+            for batch_id in ids:
+                await db.execute("UPDATE batches SET reported_at = ? WHERE id = ?", (now, batch_id))
+                await db.execute(
+                    "UPDATE events SET reported_at = ? WHERE batch_id = ?", (now, batch_id)
+                )
+            await db.commit()
+        except BaseException:
+            await db.rollback()
+            raise
+        return len(ids)
+
+    async def prune(self, before: float) -> int:
+        """Delete reported events (and their batches) reported before `before`."""
+        db = self.db
+        cur = await db.execute(
+            "DELETE FROM events WHERE reported_at IS NOT NULL AND reported_at < ?", (before,)
+        )
+        deleted = cur.rowcount
+        await db.execute(
+            "DELETE FROM batch_groups WHERE batch_id IN (SELECT id FROM batches "
+            "WHERE reported_at IS NOT NULL AND reported_at < ?)",
+            (before,),
+        )
+        await db.execute(
+            "DELETE FROM batches WHERE reported_at IS NOT NULL AND reported_at < ?", (before,)
+        )
+        await db.commit()
+        return deleted
+
+    async def backlog(self) -> Backlog:
+        rows = await self.db.execute_fetchall(
+            "SELECT "
+            "(SELECT COUNT(*) FROM events WHERE billable = 1 AND reported_at IS NULL), "
+            "(SELECT MIN(ts) FROM events WHERE billable = 1 AND reported_at IS NULL), "
+            "(SELECT COUNT(*) FROM events WHERE billable = 0), "
+            "(SELECT COUNT(*) FROM batch_groups WHERE state = 'rejected')"
+        )
+        unreported, oldest, unbillable, rejected = next(iter(rows))
+        return Backlog(int(unreported), oldest, int(unbillable), int(rejected))
+
+    async def tenant_usage(self, tenant_id: str, start: float, end: float) -> TenantUsage:
+        rows = await self.db.execute_fetchall(
+            "SELECT COALESCE(SUM(units), 0), "
+            "COALESCE(SUM(CASE WHEN reported_at IS NOT NULL THEN units END), 0), "
+            "COALESCE(SUM(CASE WHEN billable = 1 AND reported_at IS NULL THEN units END), 0), "
+            "COALESCE(SUM(CASE WHEN billable = 0 THEN units END), 0), "
+            "COALESCE(SUM(tokens), 0) "
+            "FROM events WHERE tenant_id = ? AND ts >= ? AND ts < ?",
+            (tenant_id, start, end),
+        )
+        return TenantUsage(*(int(v) for v in next(iter(rows))))
+
+    async def reported_totals(self, start: float, end: float) -> dict[tuple[str, str], int]:
+        """Accepted meter-event values per (customer, event name) by meter-event timestamp."""
+        rows = await self.db.execute_fetchall(
+            "SELECT stripe_customer, event_name, SUM(value) FROM batch_groups "
+            "WHERE state = 'sent' AND timestamp >= ? AND timestamp < ? "
+            "GROUP BY stripe_customer, event_name",
+            (start, end),
+        )
+        return {(c, e): int(v) for c, e, v in rows}
