@@ -1,0 +1,196 @@
+"""The spool on a real SQLite file: group commit, claims, identifiers, retention."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from proxy.usage.sink import UsageEvent
+from proxy.usage.spool import Spool, identifier_for
+
+METERS = [("mcp_tool_calls", "units"), ("mcp_tokens", "tokens")]
+T0 = 1_767_225_600.0
+
+
+def event(
+    tenant: str = "acme",
+    customer: str | None = "cus_A",
+    units: int = 1,
+    tokens: int | None = None,
+    billable: bool = True,
+    ts: float = T0,
+) -> UsageEvent:
+    return UsageEvent(
+        tenant_id=tenant,
+        stripe_customer=customer,
+        plan="pro",
+        method="tools/call",
+        tool="add",
+        units=units,
+        timestamp=ts,
+        request_id="r1",
+        rpc_id="1",
+        session_id=None,
+        outcome="ok",
+        degraded=False,
+        tokens=tokens,
+        billable=billable,
+    )
+
+
+@pytest.fixture
+async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
+    s = Spool(tmp_path / "usage.db", synchronous="normal", replica_id="pod-a")
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_appends_are_durable_when_append_returns(spool: Spool, tmp_path: Path) -> None:
+    await asyncio.gather(*(spool.append(event(units=i)) for i in range(1, 201)))
+    # A second, independent connection sees every row: they are committed, not just queued.
+    with sqlite3.connect(tmp_path / "usage.db") as other:
+        count, total = other.execute("SELECT COUNT(*), SUM(units) FROM events").fetchone()
+    assert (count, total) == (200, sum(range(1, 201)))
+
+
+async def test_concurrent_appends_share_commits(spool: Spool) -> None:
+    commits = 0
+    original = spool.db.commit
+
+    async def counting_commit() -> None:
+        nonlocal commits
+        commits += 1
+        await original()
+
+    spool.db.commit = counting_commit  # type: ignore[method-assign]
+    await asyncio.gather(*(spool.append(event()) for _ in range(500)))
+    assert commits < 50, f"{commits} commits for 500 concurrent appends"
+    assert (await spool.backlog()).unreported == 500
+
+
+async def test_wal_mode_and_schema_version(spool: Spool, tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "usage.db") as other:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert other.execute("PRAGMA user_version").fetchone()[0] == 1
+
+
+async def test_reopening_keeps_spool_id_and_rows(tmp_path: Path) -> None:
+    first = Spool(tmp_path / "u.db", synchronous="full", replica_id="pod-a")
+    await first.open()
+    await first.append(event())
+    spool_id = first.spool_id
+    await first.close()
+    second = Spool(tmp_path / "u.db", synchronous="normal", replica_id="pod-a")
+    await second.open()
+    try:
+        assert second.spool_id == spool_id and len(spool_id) == 12
+        assert (await second.backlog()).unreported == 1
+    finally:
+        await second.close()
+
+
+async def test_claim_aggregates_per_customer_and_meter(spool: Spool) -> None:
+    for customer, units, tokens in [("cus_A", 1, 10), ("cus_A", 3, None), ("cus_B", 2, 5)]:
+        await spool.append(event(customer=customer, units=units, tokens=tokens))
+    await spool.append(event(customer=None, billable=False))  # no customer: never sent
+    batch = await spool.claim_batch(T0 + 10, 100, METERS)
+    assert batch is not None
+    groups = {(g.stripe_customer, g.event_name): g for g in await spool.open_groups()}
+    assert {k: g.value for k, g in groups.items()} == {
+        ("cus_A", "mcp_tool_calls"): 4,
+        ("cus_A", "mcp_tokens"): 10,
+        ("cus_B", "mcp_tool_calls"): 2,
+        ("cus_B", "mcp_tokens"): 5,
+    }
+    g = groups[("cus_A", "mcp_tool_calls")]
+    assert g.identifier == identifier_for(spool.spool_id, batch, "cus_A", "mcp_tool_calls")
+    assert len(g.identifier) <= 100
+    assert len({x.identifier for x in groups.values()}) == 4
+    assert await spool.claim_batch(T0 + 10, 100, METERS) is None  # nothing left to claim
+    backlog = await spool.backlog()
+    assert (backlog.unreported, backlog.unbillable) == (3, 1)
+
+
+async def test_zero_token_groups_need_no_call(spool: Spool) -> None:
+    await spool.append(event(tokens=None))
+    await spool.claim_batch(T0, 100, METERS)
+    assert [g.event_name for g in await spool.open_groups()] == ["mcp_tool_calls"]
+
+
+async def test_claimed_batch_survives_a_restart_with_the_same_identifiers(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "u.db", synchronous="normal", replica_id="pod-a")
+    await s.open()
+    await s.append(event())
+    await s.claim_batch(T0, 100, METERS)
+    before = await s.open_groups()
+    await s.close()  # as if killed after claiming, before sending
+    s2 = Spool(tmp_path / "u.db", synchronous="normal", replica_id="pod-a")
+    await s2.open()
+    try:
+        assert await s2.open_groups() == before
+    finally:
+        await s2.close()
+
+
+async def test_finish_marks_events_reported_and_prune_keeps_the_rest(spool: Spool) -> None:
+    await spool.append(event(customer="cus_A"))
+    await spool.append(event(customer="cus_B"))
+    await spool.claim_batch(T0, 100, METERS)
+    a, b = sorted(await spool.open_groups(), key=lambda g: g.stripe_customer)
+    await spool.mark_group(a, state="sent", now=T0 + 1)
+    assert await spool.finish_batches(T0 + 1) == 0  # cus_B not accepted yet
+    await spool.mark_group(b, state="sent", now=T0 + 2)
+    assert await spool.finish_batches(T0 + 2) == 1
+    await spool.append(event(ts=T0 + 3))  # unreported
+    await spool.append(event(customer=None, billable=False, ts=T0 + 3))  # never billable
+    assert await spool.prune(before=T0 + 2) == 0  # reported at T0+2 is not before T0+2
+    assert await spool.prune(before=T0 + 100) == 2
+    backlog = await spool.backlog()
+    assert (backlog.unreported, backlog.unbillable) == (1, 1)
+
+
+async def test_rejected_groups_keep_their_events(spool: Spool) -> None:
+    await spool.append(event())
+    await spool.claim_batch(T0, 100, METERS)
+    (g,) = await spool.open_groups()
+    await spool.mark_group(g, state="rejected", now=T0, error="No such customer")
+    assert await spool.finish_batches(T0) == 0
+    assert await spool.prune(before=T0 + 10**9) == 0
+    backlog = await spool.backlog()
+    assert (backlog.unreported, backlog.rejected_groups) == (1, 1)
+
+
+async def test_tenant_usage_splits_reported_pending_and_unbillable(spool: Spool) -> None:
+    await spool.append(event(units=2))
+    await spool.claim_batch(T0, 100, METERS)
+    (g,) = await spool.open_groups()
+    await spool.mark_group(g, state="sent", now=T0)
+    await spool.finish_batches(T0)
+    await spool.append(event(units=3, tokens=7))
+    await spool.append(replace(event(units=5), billable=False))
+    await spool.append(event(tenant="other", units=100))
+    usage = await spool.tenant_usage("acme", T0 - 1, T0 + 1)
+    assert (usage.units, usage.reported, usage.pending, usage.unbillable, usage.tokens) == (
+        10,
+        2,
+        3,
+        5,
+        7,
+    )
+
+
+async def test_claims_respect_max_events(spool: Spool) -> None:
+    for _ in range(5):
+        await spool.append(event())
+    first = await spool.claim_batch(T0, 2, METERS)
+    second = await spool.claim_batch(T0, 2, METERS)
+    third = await spool.claim_batch(T0, 2, METERS)
+    assert (first, second, third) == (1, 2, 3)
+    assert await spool.claim_batch(T0, 2, METERS) is None
+    assert [g.value for g in await spool.open_groups()] == [2, 2, 1]
