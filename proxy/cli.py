@@ -7,8 +7,9 @@ import asyncio
 import contextlib
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from redis.exceptions import RedisError
 
@@ -107,6 +108,129 @@ def cmd_drain(args: argparse.Namespace) -> int:
             f"{report.finished_batches} batches reported"
         )
         return 1 if report.retries or report.rejected else 0
+    return 0
+
+
+def _stripe_config(args: argparse.Namespace) -> Config:
+    config = _config(args)
+    if not config.billing.stripe_secret_key:
+        raise CliError("set STRIPE_SECRET_KEY (and STRIPE_API_BASE for a test double)")
+    return config
+
+
+def cmd_billing(args: argparse.Namespace) -> int:
+    from decimal import Decimal, InvalidOperation
+
+    from .billing.setup import PriceSpec, config_block, setup_billing
+    from .billing.stripe_client import make_client
+
+    config = _stripe_config(args)
+    try:
+        spec = PriceSpec(
+            currency=args.currency.lower(),
+            pro_plan=args.pro_plan,
+            pro_base_cents=args.pro_base_cents,
+            overage_cents_per_unit=Decimal(args.overage_cents),
+            graduated=not args.flat,
+        )
+    except InvalidOperation:
+        raise CliError(f"--overage-cents {args.overage_cents!r}: expected a number") from None
+
+    async def run() -> str:
+        client, http = make_client(config.billing, retries=2)
+        try:
+            result = await setup_billing(client, config, spec)
+        finally:
+            await http.close_async()  # type: ignore[no-untyped-call]
+        created = "\n".join(f"  created {c}" for c in result.created) or "  nothing created"
+        return f"{created}\n\nPaste into config.yaml:\n\n{config_block(config, result)}"
+
+    print(_run_stripe(run))
+    return 0
+
+
+def _run_stripe(work: Callable[[], Coroutine[Any, Any, str]]) -> str:
+    import stripe
+
+    try:
+        return asyncio.run(work())
+    except stripe.AuthenticationError:
+        raise CliError("Stripe refused the API key: check STRIPE_SECRET_KEY") from None
+    except stripe.StripeError as exc:
+        raise CliError(f"Stripe: {exc.user_message or exc}") from None
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from .billing.reconcile import month_bounds
+    from .quota.policy import calendar_month, iso
+    from .usage.runner import open_spool
+
+    config = _config(args)
+    if args.period:
+        try:
+            start, end = month_bounds(args.period)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+    else:
+        month = calendar_month(time.time())
+        start, end = month.start, month.end
+
+    async def run() -> None:
+        spool = open_spool(config)
+        await spool.open()
+        try:
+            u = await spool.tenant_usage(args.tenant_id, start, end)
+        finally:
+            await spool.close()
+        print(
+            f"tenant {args.tenant_id}, {iso(start)} .. {iso(end)} (this replica's spool "
+            f"{config.spool.path})"
+        )
+        print(f"  units used   {u.units}")
+        print(f"  reported     {u.reported}   (accepted by Stripe)")
+        print(f"  pending      {u.pending}   (waiting for the drainer)")
+        print(f"  not billed   {u.unbillable}   (no Stripe customer, or an unbilled plan)")
+        if u.tokens:
+            print(f"  tokens       {u.tokens}")
+
+    asyncio.run(run())
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from .billing.reconcile import month_bounds, reconcile, render
+    from .billing.stripe_client import make_client
+    from .quota.policy import calendar_month
+    from .usage.runner import open_spool
+
+    config = _stripe_config(args)
+    if args.period:
+        try:
+            start, end = month_bounds(args.period)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+    else:
+        month = calendar_month(time.time())
+        start, end = month.start, month.end
+    worst = 0
+
+    async def run() -> str:
+        nonlocal worst
+        spool = open_spool(config)
+        await spool.open()
+        client, http = make_client(config.billing, retries=2)
+        try:
+            rows = await reconcile(client, spool, start, end)
+        finally:
+            await http.close_async()  # type: ignore[no-untyped-call]
+            await spool.close()
+        worst = max((abs(r.drift) for r in rows), default=0)
+        return render(rows)
+
+    print(_run_stripe(run))
+    if worst > args.tolerance:
+        print(f"drift {worst} is above the tolerance {args.tolerance}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -213,6 +337,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("serve", parents=[common], help="run the proxy")
     p.set_defaults(func=cmd_serve)
+
+    p = verbs.add_parser("drain", parents=[common], help="send spooled usage to Stripe")
+    p.add_argument(
+        "--once",
+        action="store_true",
+        help="one cycle, then exit (non-zero if anything is left to retry or was rejected)",
+    )
+    p.set_defaults(func=cmd_drain)
+
+    billing = verbs.add_parser("billing", help="Stripe set-up")
+    bv = billing.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = bv.add_parser(
+        "setup",
+        parents=[common],
+        help="create or find the meters, product and prices (idempotent); print the config",
+    )
+    p.add_argument("--currency", default="usd")
+    p.add_argument("--pro-plan", default="pro", help="the plan the paid prices belong to")
+    p.add_argument("--pro-base-cents", type=int, default=2900, help="monthly base price")
+    p.add_argument("--overage-cents", default="0.5", help="price per unit after the included ones")
+    p.add_argument(
+        "--flat", action="store_true", help="bill every unit (no free tier for included units)"
+    )
+    p.set_defaults(func=cmd_billing)
+
+    p = verbs.add_parser("usage", parents=[common], help="a tenant's usage in this replica's spool")
+    p.add_argument("tenant_id")
+    p.add_argument("--period", help="YYYY-MM (default: this month, UTC)")
+    p.set_defaults(func=cmd_usage)
+
+    p = verbs.add_parser(
+        "reconcile", parents=[common], help="compare reported usage with Stripe's meter summaries"
+    )
+    p.add_argument("--period", help="YYYY-MM (default: this month, UTC)")
+    p.add_argument("--tolerance", type=int, default=0, help="allowed drift in units (default 0)")
+    p.set_defaults(func=cmd_reconcile)
 
     p = verbs.add_parser(
         "check-config", parents=[common], help="validate the configuration and exit"
