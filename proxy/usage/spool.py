@@ -306,25 +306,30 @@ class Spool:
         await self.db.commit()
 
     async def finish_batches(self, now: float) -> int:
-        """Mark batches whose meter events were all accepted as reported; returns how many."""
+        """Mark as reported each event whose customer's meter events in its batch were all
+        accepted, and each batch whose meter events all were; returns the batches finished.
+        (One customer's rejected usage must not hold back another's.)"""
         db = self.db
         await db.execute("BEGIN IMMEDIATE")
         try:
-            rows = await db.execute_fetchall(
-                "SELECT id FROM batches b WHERE reported_at IS NULL AND NOT EXISTS ("
-                "SELECT 1 FROM batch_groups g WHERE g.batch_id = b.id AND g.state != 'sent')"
+            await db.execute(
+                "UPDATE events SET reported_at = ? WHERE reported_at IS NULL "
+                "AND batch_id IN (SELECT batch_id FROM batch_groups WHERE state = 'sent') "
+                "AND NOT EXISTS (SELECT 1 FROM batch_groups g WHERE g.batch_id = events.batch_id "
+                "AND g.stripe_customer = events.stripe_customer AND g.state != 'sent')",
+                (now,),
             )
-            ids = [r[0] for r in rows]
-            for batch_id in ids:
-                await db.execute("UPDATE batches SET reported_at = ? WHERE id = ?", (now, batch_id))
-                await db.execute(
-                    "UPDATE events SET reported_at = ? WHERE batch_id = ?", (now, batch_id)
-                )
+            cur = await db.execute(
+                "UPDATE batches SET reported_at = ? WHERE reported_at IS NULL AND NOT EXISTS ("
+                "SELECT 1 FROM batch_groups g WHERE g.batch_id = batches.id AND g.state != 'sent')",
+                (now,),
+            )
+            finished = cur.rowcount
             await db.commit()
         except BaseException:
             await db.rollback()
             raise
-        return len(ids)
+        return finished
 
     async def prune(self, before: float) -> int:
         """Delete reported events (and their batches) reported before `before`."""

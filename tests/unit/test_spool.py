@@ -144,13 +144,14 @@ async def test_finish_marks_events_reported_and_prune_keeps_the_rest(spool: Spoo
     await spool.claim_batch(T0, 100, METERS)
     a, b = sorted(await spool.open_groups(), key=lambda g: g.stripe_customer)
     await spool.mark_group(a, state="sent", now=T0 + 1)
-    assert await spool.finish_batches(T0 + 1) == 0  # cus_B not accepted yet
+    assert await spool.finish_batches(T0 + 1) == 0  # cus_B not accepted yet...
+    assert (await spool.backlog()).unreported == 1  # ...but cus_A's event is reported
     await spool.mark_group(b, state="sent", now=T0 + 2)
     assert await spool.finish_batches(T0 + 2) == 1
     await spool.append(event(ts=T0 + 3))  # unreported
     await spool.append(event(customer=None, billable=False, ts=T0 + 3))  # never billable
-    assert await spool.prune(before=T0 + 2) == 0  # reported at T0+2 is not before T0+2
-    assert await spool.prune(before=T0 + 100) == 2
+    assert await spool.prune(before=T0 + 2) == 1  # cus_A's, reported at T0+1
+    assert await spool.prune(before=T0 + 100) == 1
     backlog = await spool.backlog()
     assert (backlog.unreported, backlog.unbillable) == (1, 1)
 
