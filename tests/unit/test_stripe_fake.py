@@ -1183,7 +1183,7 @@ async def test_subscription_periods_live_on_items(client: stripe.StripeClient) -
     assert sub.metadata.to_dict() == {"tenant": "t1"}
     assert "current_period_start" not in sub and "current_period_end" not in sub
     month_later = int(datetime.fromtimestamp(T0, UTC).replace(month=2).timestamp())
-    items = sub["items"].data
+    items = sub.items.data
     assert [(i.price.id, i.quantity) for i in items] == [(flat, 2), (usage, None)]
     for item in items:
         assert item.object == "subscription_item"
@@ -1203,7 +1203,7 @@ async def test_trial_subscription_is_trialing_until_trial_end(
         {"customer": customer, "items": [{"price": usage}], "trial_period_days": 14}
     )
     assert (sub.status, sub.trial_start, sub.trial_end) == ("trialing", T0, T0 + 14 * DAY)
-    assert sub["items"].data[0].current_period_end == T0 + 14 * DAY
+    assert sub.items.data[0].current_period_end == T0 + 14 * DAY
 
 
 @pytest.mark.parametrize(
@@ -1252,7 +1252,7 @@ async def test_subscription_update_cancel_and_list(client: stripe.StripeClient) 
     sub = await client.v1.subscriptions.create_async(
         {"customer": customer, "items": [{"price": flat}]}
     )
-    flat_item = sub["items"].data[0].id
+    flat_item = sub.items.data[0].id
     updated = await client.v1.subscriptions.update_async(
         sub.id,
         {
@@ -1261,11 +1261,11 @@ async def test_subscription_update_cancel_and_list(client: stripe.StripeClient) 
             "cancel_at_period_end": True,
         },
     )
-    assert [(i.price.id, i.quantity) for i in updated["items"].data] == [(flat, 3), (usage, None)]
+    assert [(i.price.id, i.quantity) for i in updated.items.data] == [(flat, 3), (usage, None)]
     assert updated.metadata.to_dict() == {"plan": "pro"}
     assert updated.cancel_at_period_end is True
-    assert updated.cancel_at == updated["items"].data[0].current_period_end
-    usage_item = updated["items"].data[1].id
+    assert updated.cancel_at == updated.items.data[0].current_period_end
+    usage_item = updated.items.data[1].id
     with pytest.raises(stripe.InvalidRequestError, match="metered"):
         await client.v1.subscriptions.update_async(
             sub.id, {"items": [{"id": usage_item, "quantity": 2}]}
@@ -1273,7 +1273,7 @@ async def test_subscription_update_cancel_and_list(client: stripe.StripeClient) 
     dropped = await client.v1.subscriptions.update_async(
         sub.id, {"items": [{"id": usage_item, "deleted": True}], "cancel_at_period_end": False}
     )
-    assert [i.id for i in dropped["items"].data] == [flat_item]
+    assert [i.id for i in dropped.items.data] == [flat_item]
     assert dropped.cancel_at is None
     listed = await client.v1.subscriptions.list_async({"customer": customer})
     assert [s.id for s in listed.data] == [sub.id]
@@ -1345,7 +1345,7 @@ async def test_checkout_subscription_session_and_completion(
     sub = await client.v1.subscriptions.retrieve_async(fetched.subscription)
     assert sub.metadata.to_dict() == {"tenant": "tenant-42"}
     assert sub.customer == fetched.customer
-    assert [i.price.id for i in sub["items"].data] == [flat, usage]
+    assert [i.price.id for i in sub.items.data] == [flat, usage]
 
 
 @pytest.mark.parametrize(
