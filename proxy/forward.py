@@ -3,6 +3,7 @@ settling each gated call from its final response on the way through."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import uuid
@@ -287,7 +288,7 @@ class McpProxy:
                         if out:
                             await resp.write(b"".join(out))
                             out.clear()
-                        await self._settler.final(call, message)
+                        await self._settle(call, message)
                     elif rpc_id in list_ids:
                         raw = _sse_rewrite(event, _filter_tools(message, hidden))
                 out.append(raw)
@@ -329,13 +330,19 @@ class McpProxy:
                 continue
             call = outstanding.pop(rpc_id, None)
             if call is not None:
-                await self._settler.final(call, message)
+                await self._settle(call, message)
             elif rpc_id in list_ids:
                 messages[i] = _filter_tools(message, hidden)
                 rewritten = True
         if rewritten:
             raw = dumps(messages if isinstance(doc, list) else messages[0])
         await resp.write(raw)
+
+    async def _settle(self, call: PendingCall, message: dict[str, Any]) -> None:
+        """Settle to the end even if the client leaves meanwhile: once the upstream has
+        answered, the quota commit and the spool row must not be cut in half."""
+        task = self._tasks.spawn(self._settler.final(call, message), name="settle")
+        await asyncio.shield(task)
 
     async def _refund(self, outstanding: dict[RpcId, PendingCall]) -> None:
         calls = list(outstanding.values())
