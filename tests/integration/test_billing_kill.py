@@ -269,3 +269,36 @@ async def test_connection_dropped_after_stripe_accepted_is_not_billed_twice(
     assert stack.unreported() == 0
     assert stack.fake.total(stack.customer, METER) == 30
     assert len(stack.fake.identifiers()) == len(set(stack.fake.identifiers())) == 1
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+async def test_supervisor_restarts_a_killed_drainer(stack: Stack) -> None:
+    async with aiohttp.ClientSession() as http:
+        serve = await _start(stack, "serve")
+        try:
+            await _ready(http, stack)
+            await _until(lambda: len(_children(serve.pid)) == 1, 20, "the drainer child")
+            (first,) = _children(serve.pid)
+            os.kill(first, signal.SIGKILL)
+            await _until(
+                lambda: _children(serve.pid) not in ([], [first]), 30, "a restarted drainer"
+            )
+            for i in range(5):
+                async with http.post(
+                    stack.url, json=call(i, "add"), headers=bearer(stack.key)
+                ) as r:
+                    assert (await r.json())["result"]["isError"] is False
+            await _until(
+                lambda: stack.fake.total(stack.customer, METER) == 5,
+                30,
+                "the new drainer to deliver",
+            )
+            serve.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(serve.wait(), 30) == 0
+            assert stack.unreported() == 0
+        finally:
+            _kill_group(serve)

@@ -51,6 +51,7 @@ async def stack(request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, Runn
                     "pro": {"included_units": 10_000, "hidden_tools": ["fail"]},
                 },
                 "proxy": {"upgrade_url": "https://example.test/upgrade"},
+                "billing": {"token_meter_event_name": "mcp_tokens", "token_meta_key": "tokens"},
             },
             {"MQP_KEY_PEPPER": PEPPER},
         )
@@ -179,3 +180,16 @@ async def test_modern_refusal_carries_result_type(stack: tuple[str, RunningProxy
     doc = json.loads(last.text)
     assert doc["result"]["isError"] is True
     assert doc["result"]["resultType"] == "complete"
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_token_count_in_result_meta_is_recorded(
+    stack: tuple[str, RunningProxy, bool], mode: Mode
+) -> None:
+    _, proxy, stateless = stack
+    tenant = f"tok-{mode[:2]}-{int(stateless)}"
+    headers = await _auth(proxy, tenant)
+    result = await call_tool(proxy.url, headers, mode, "usage_report", {"tokens": 1234})
+    assert result.meta is not None and result.meta["tokens"] == 1234
+    (event,) = [e for e in proxy.sink.events if e.tenant_id == tenant]
+    assert (event.tool, event.units, event.tokens) == ("usage_report", 1, 1234)
