@@ -12,6 +12,9 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from .billing.api import BillingApi
+from .billing.stripe_client import make_client
+from .billing.webhooks import WebhookReceiver
 from .breaker import CircuitBreaker
 from .clock import Clock, SystemClock
 from .config import Config
@@ -50,6 +53,15 @@ class Components:
     tasks: TaskSet
     pepper: str
     proxy: McpProxy | None = None
+    started: Started | None = None
+
+
+@dataclass(slots=True)
+class Started:
+    """What exists only while the app runs (it owns sessions and clients)."""
+
+    webhooks: WebhookReceiver
+    billing: BillingApi
 
 
 COMPONENTS = web.AppKey("components", Components)
@@ -111,6 +123,10 @@ def create_app(components: Components) -> web.Application:
     for path in config.upstream.mcp_paths:
         app.router.add_route("*", path, _mcp)
     app.router.add_get("/healthz", _healthz)
+    app.router.add_post(config.billing.webhook_path, _webhook)
+    app.router.add_get("/api/billing/usage", _usage)
+    app.router.add_post("/api/billing/portal", _portal)
+    app.router.add_post("/api/billing/checkout", _checkout)
     for prefix in ("/.well-known/", "/register"):
         # Clients probing for OAuth get a JSON 404, not an HTML page they cannot parse.
         app.router.add_route(
@@ -123,6 +139,28 @@ async def _mcp(request: web.Request) -> web.StreamResponse:
     proxy = request.app[COMPONENTS].proxy
     assert proxy is not None, "the app is not started"
     return await proxy.handle(request)
+
+
+def _started(request: web.Request) -> Started:
+    started = request.app[COMPONENTS].started
+    assert started is not None, "the app is not started"
+    return started
+
+
+async def _webhook(request: web.Request) -> web.Response:
+    return await _started(request).webhooks.handle(request)
+
+
+async def _usage(request: web.Request) -> web.Response:
+    return await _started(request).billing.usage(request)
+
+
+async def _portal(request: web.Request) -> web.Response:
+    return await _started(request).billing.portal(request)
+
+
+async def _checkout(request: web.Request) -> web.Response:
+    return await _started(request).billing.checkout(request)
 
 
 async def _not_found(_: web.Request) -> web.Response:
@@ -162,6 +200,13 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     )
     if isinstance(c.sink, Spool):
         await c.sink.open()
+    stripe_client, stripe_http = None, None
+    if c.config.billing.stripe_secret_key:
+        stripe_client, stripe_http = make_client(c.config.billing, retries=2)
+    c.started = Started(
+        webhooks=WebhookReceiver(c.config, c.stores.main, c.keys, c.guard, c.clock, stripe_client),
+        billing=BillingApi(c.config, c.directory, c.engine, c.clock, stripe_client),
+    )
     await c.directory.start()
     reaper = asyncio.create_task(_reap_forever(c.proxy), name="reap-deferred")
     try:
@@ -175,6 +220,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             await c.sink.close()
         await c.directory.stop()
         await http.close()
+        if stripe_http is not None:
+            await stripe_http.close_async()  # type: ignore[no-untyped-call]
         await c.stores.close()
 
 

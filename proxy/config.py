@@ -44,6 +44,7 @@ class Plan:
     tool_weights: Mapping[str, int]
     hidden_tools: frozenset[str]
     billed: bool
+    stripe_lookup_keys: tuple[str, ...] = ()  # prices of this plan (Checkout, webhook mapping)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +119,15 @@ class BillingConfig:
     stripe_secret_key: str = ""
     stripe_api_base: str = ""  # a fake or a proxy; empty: Stripe itself
     webhook_secret: str = ""
+    webhook_path: str = "/stripe/webhook"
+    webhook_tolerance_s: int = 300
+    past_due_grace_s: int = 3 * 86400
+    restricted_plan: str = ""  # empty: the default plan
+    refetch_subscriptions: bool = False
+    portal_return_url: str = ""
+    checkout_success_url: str = ""
+    checkout_cancel_url: str = ""
+    checkout_plan: str = "pro"
 
     def meter_names(self) -> tuple[str, ...]:
         names = (self.meter_event_name, self.token_meter_event_name)
@@ -141,6 +151,12 @@ class Config:
     def plan(self, name: str) -> Plan:
         """The named plan, or the default plan when a tenant names one that no longer exists."""
         return self.plans.get(name) or self.plans[self.default_plan]
+
+    def plan_for_lookup_key(self, lookup_key: str) -> str | None:
+        for plan in self.plans.values():
+            if lookup_key in plan.stripe_lookup_keys:
+                return plan.name
+        return None
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -276,6 +292,7 @@ def _plan(name: str, reader: _Reader) -> Plan:
         tool_weights=reader.weights("tool_weights", {}),
         hidden_tools=frozenset(reader.strings("hidden_tools", ())),
         billed=reader.boolean("billed", True),
+        stripe_lookup_keys=reader.strings("stripe_lookup_keys", ()),
     )
 
 
@@ -434,10 +451,25 @@ def parse_config(data: Mapping[str, Any] | None, env: Mapping[str, str]) -> Conf
             f"default_plan: {default_plan!r} is not a plan; defined plans are {', '.join(plans)}"
         )
     log_level = top.choice("log_level", "info", ("debug", "info", "warning", "error"))
+    billing = _billing(top, env)
+    if billing.restricted_plan and billing.restricted_plan not in plans:
+        raise ConfigError(
+            f"billing.restricted_plan: {billing.restricted_plan!r} is not a plan; defined plans "
+            f"are {', '.join(plans)}"
+        )
+    owners: dict[str, str] = {}
+    for plan in plans.values():
+        for key in plan.stripe_lookup_keys:
+            if key in owners:
+                raise ConfigError(
+                    f"plans.{plan.name}.stripe_lookup_keys: {key!r} already belongs to plan "
+                    f"{owners[key]}; a price maps to one plan"
+                )
+            owners[key] = plan.name
     return Config(
         spool=_spool(top),
         drain=_drain(top),
-        billing=_billing(top, env),
+        billing=billing,
         listen=listen,
         upstream=upstream,
         proxy=proxy,
@@ -490,7 +522,22 @@ def _drain(top: _Reader) -> DrainConfig:
 
 def _billing(top: _Reader, env: Mapping[str, str]) -> BillingConfig:
     r = top.section(
-        "billing", {"enabled", "meter_event_name", "token_meter_event_name", "token_meta_key"}
+        "billing",
+        {
+            "enabled",
+            "meter_event_name",
+            "token_meter_event_name",
+            "token_meta_key",
+            "webhook_path",
+            "webhook_tolerance_s",
+            "past_due_grace_s",
+            "restricted_plan",
+            "refetch_subscriptions",
+            "portal_return_url",
+            "checkout_success_url",
+            "checkout_cancel_url",
+            "checkout_plan",
+        },
     )
     enabled = r.boolean("enabled", False)
     names = {}
@@ -512,6 +559,9 @@ def _billing(top: _Reader, env: Mapping[str, str]) -> BillingConfig:
             f"{ENV_STRIPE_SECRET_KEY}: billing.enabled is true, so set a Stripe secret key "
             "(sk_live_..., sk_test_... or a restricted rk_... key)"
         )
+    webhook_path = r.string("webhook_path", "/stripe/webhook")
+    if not webhook_path.startswith("/"):
+        raise ConfigError(f"billing.webhook_path: must start with '/', got {webhook_path!r}")
     api_base = env.get(ENV_STRIPE_API_BASE, "").rstrip("/")
     if api_base:
         _url_like(api_base, ENV_STRIPE_API_BASE, ("http", "https"))
@@ -523,6 +573,15 @@ def _billing(top: _Reader, env: Mapping[str, str]) -> BillingConfig:
         stripe_secret_key=secret,
         stripe_api_base=api_base,
         webhook_secret=env.get(ENV_STRIPE_WEBHOOK_SECRET, ""),
+        webhook_path=webhook_path,
+        webhook_tolerance_s=r.required_int("webhook_tolerance_s", 300, minimum=1),
+        past_due_grace_s=r.required_int("past_due_grace_s", 3 * 86400, minimum=0),
+        restricted_plan=r.string("restricted_plan", ""),
+        refetch_subscriptions=r.boolean("refetch_subscriptions", False),
+        portal_return_url=r.string("portal_return_url", ""),
+        checkout_success_url=r.string("checkout_success_url", ""),
+        checkout_cancel_url=r.string("checkout_cancel_url", ""),
+        checkout_plan=r.string("checkout_plan", "pro"),
     )
 
 

@@ -14,6 +14,7 @@ import structlog
 from aiohttp import web
 
 from .auth import extract_key
+from .billing.plansync import effective_plan
 from .clock import Clock
 from .config import Config
 from .directory import Directory
@@ -126,7 +127,7 @@ class McpProxy:
                 gated = await gate(
                     parsed,
                     tenant,
-                    self._cfg.plan(tenant.plan),
+                    effective_plan(tenant, self._clock.time(), self._cfg),
                     self._engine,
                     self._cfg.proxy,
                     modern=is_modern(request.headers.get("MCP-Protocol-Version")),
@@ -191,7 +192,7 @@ class McpProxy:
         headers["X-Request-Id"] = request_id
         url = self._cfg.upstream.url + request.path_qs
         resumable = False
-        hidden = self._cfg.plan(tenant.plan).hidden_tools
+        hidden = effective_plan(tenant, self._clock.time(), self._cfg).hidden_tools
         try:
             try:
                 ctx = self._http.request(

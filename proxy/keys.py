@@ -34,6 +34,15 @@ class KeySpace:
     def api_key(self, key_hash: str) -> str:
         return f"{self.prefix}:key:{key_hash}"
 
+    def customer(self, stripe_customer: str) -> str:
+        return f"{self.prefix}:cust:{stripe_customer}"
+
+    def webhook_event(self, tenant_id: str, event_id: str) -> str:
+        return f"{self.prefix}:{{{tenant_id}}}:whevt:{event_id}"
+
+    def webhook_last(self) -> str:
+        return f"{self.prefix}:webhook:last"
+
     def session(self, session_id: str) -> str:
         return f"{self.prefix}:sess:{session_id}"
 

@@ -30,6 +30,9 @@ class Tenant:
     period_start: int | None = None  # epoch seconds, set from Stripe; calendar month otherwise
     period_end: int | None = None
     created_at: int = 0
+    subscription_id: str | None = None
+    trial_end: int | None = None
+    past_due_since: int | None = None  # when the subscription went past_due (grace starts)
 
     def to_redis(self) -> dict[str, str]:
         return {k: "" if v is None else str(v) for k, v in asdict(self).items()}
@@ -49,6 +52,9 @@ class Tenant:
             period_start=opt_int("period_start"),
             period_end=opt_int("period_end"),
             created_at=int(raw.get("created_at") or 0),
+            subscription_id=raw.get("subscription_id") or None,
+            trial_end=opt_int("trial_end"),
+            past_due_since=opt_int("past_due_since"),
         )
 
 
@@ -101,6 +107,8 @@ class TenantStore:
             raise TenantError(f"tenant {tenant_id!r} already exists; see `tenant show {tenant_id}`")
         await self._r.hset(self._k.tenant(tenant_id), mapping=_mapping(tenant))
         await self._r.sadd(self._k.tenant_index(), tenant_id)
+        if stripe_customer is not None:
+            await self._r.set(self._k.customer(stripe_customer), tenant_id)
         await self._publish(f"tenant:{tenant_id}")
         return tenant
 
@@ -124,6 +132,8 @@ class TenantStore:
     async def update(self, tenant_id: str, **changes: Any) -> Tenant:
         tenant = replace(await self.require(tenant_id), **changes)
         await self._r.hset(self._k.tenant(tenant_id), mapping=_mapping(tenant))
+        if tenant.stripe_customer is not None:
+            await self._r.set(self._k.customer(tenant.stripe_customer), tenant_id)
         await self._publish(f"tenant:{tenant_id}")
         return tenant
 
@@ -159,6 +169,10 @@ class TenantStore:
         await self._r.delete(self._k.api_key(digest))
         await self._r.hdel(self._k.tenant_keys(tenant_id), key_id)
         await self._publish(f"key:{digest}")
+
+    async def by_customer(self, customer: str) -> str | None:
+        value = await self._r.get(self._k.customer(customer))
+        return None if value is None else str(value)
 
     async def close(self) -> None:
         await self._r.aclose()
