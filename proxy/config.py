@@ -261,6 +261,7 @@ _PLAN_KEYS = {
     "tool_weights",
     "hidden_tools",
     "billed",
+    "stripe_lookup_keys",
 }
 
 

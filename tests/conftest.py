@@ -46,19 +46,21 @@ def private_redis() -> Iterator[RedisServer]:
 ConfigFactory = Callable[..., Config]
 
 
-def build_config(base: dict[str, Any], **sections: Any) -> Config:
+def build_config(
+    base: dict[str, Any], env: dict[str, str] | None = None, **sections: Any
+) -> Config:
     data: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
     for name, value in sections.items():
         if isinstance(value, dict) and isinstance(data.get(name), dict):
             data[name].update(value)
         else:
             data[name] = value
-    return parse_config(data, {"MQP_KEY_PEPPER": PEPPER})
+    return parse_config(data, {"MQP_KEY_PEPPER": PEPPER, **(env or {})})
 
 
 @pytest.fixture
 def make_config() -> ConfigFactory:
-    def factory(**sections: Any) -> Config:
+    def factory(env: dict[str, str] | None = None, **sections: Any) -> Config:
         base: dict[str, Any] = {
             "upstream": {"url": "http://127.0.0.1:9"},
             "redis": {"url": "memory://"},
@@ -68,7 +70,7 @@ def make_config() -> ConfigFactory:
             },
             "default_plan": "free",
         }
-        return build_config(base, **sections)
+        return build_config(base, env, **sections)
 
     return factory
 
