@@ -135,6 +135,19 @@ class BillingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class OpsConfig:
+    """Health thresholds (the guide's defaults), shutdown timing, metrics options."""
+
+    webhook_max_age_s: int = 3600  # 0: do not judge webhook freshness
+    unreported_max: int = 500  # unreported events older than 10 minutes
+    stripe_max_age_s: int = 1800
+    readiness_delay_s: float = 5.0  # /readyz is 503 this long before the listener closes
+    shutdown_grace_s: float = 30.0  # in-flight requests and streams may finish within this
+    per_tenant_metrics: bool = False
+    stripe_probe_interval_s: float = 300.0  # an idle drainer checks Stripe this often
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: ListenConfig
     upstream: UpstreamConfig
@@ -146,6 +159,7 @@ class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     drain: DrainConfig = field(default_factory=DrainConfig)
     billing: BillingConfig = field(default_factory=BillingConfig)
+    ops: OpsConfig = field(default_factory=OpsConfig)
     log_level: str = "info"
 
     def plan(self, name: str) -> Plan:
@@ -331,6 +345,7 @@ def parse_config(data: Mapping[str, Any] | None, env: Mapping[str, str]) -> Conf
             "spool",
             "drain",
             "billing",
+            "ops",
         },
     )
 
@@ -468,6 +483,7 @@ def parse_config(data: Mapping[str, Any] | None, env: Mapping[str, str]) -> Conf
                 )
             owners[key] = plan.name
     return Config(
+        ops=_ops(top),
         spool=_spool(top),
         drain=_drain(top),
         billing=billing,
@@ -497,6 +513,30 @@ def _spool(top: _Reader) -> SpoolConfig:
         else "normal",
         replica_id=replica,
         retention_days=r.required_int("retention_days", 35, minimum=1),
+    )
+
+
+def _ops(top: _Reader) -> OpsConfig:
+    r = top.section(
+        "ops",
+        {
+            "webhook_max_age_s",
+            "unreported_max",
+            "stripe_max_age_s",
+            "readiness_delay_s",
+            "shutdown_grace_s",
+            "per_tenant_metrics",
+            "stripe_probe_interval_s",
+        },
+    )
+    return OpsConfig(
+        webhook_max_age_s=r.required_int("webhook_max_age_s", 3600),
+        unreported_max=r.required_int("unreported_max", 500),
+        stripe_max_age_s=r.required_int("stripe_max_age_s", 1800, minimum=1),
+        readiness_delay_s=r.number("readiness_delay_s", 5.0),
+        shutdown_grace_s=r.number("shutdown_grace_s", 30.0),
+        per_tenant_metrics=r.boolean("per_tenant_metrics", False),
+        stripe_probe_interval_s=r.number("stripe_probe_interval_s", 300.0, minimum=1.0),
     )
 
 

@@ -52,7 +52,8 @@ def plan_of_items(sub: dict[str, Any], config: Config) -> str | None:
     items = sub.get("items")
     data = items.get("data") if isinstance(items, dict) else None
     for item in data if isinstance(data, list) else []:
-        price = item.get("price") if isinstance(item, dict) else None
+        # `plan` is the item's price in event shapes older than API 2020-08-27.
+        price = (item.get("price") or item.get("plan")) if isinstance(item, dict) else None
         if not isinstance(price, dict):
             continue
         meta = price.get("metadata")
@@ -80,7 +81,9 @@ def period_of_items(sub: dict[str, Any]) -> tuple[int, int] | None:
                 starts.append(start)
                 ends.append(end)
     if not starts:
-        return None
+        # Before API 2025-03-31.basil the period lived on the subscription itself.
+        start, end = _int(sub.get("current_period_start")), _int(sub.get("current_period_end"))
+        return (start, end) if start is not None and end is not None else None
     return min(starts), max(ends)
 
 

@@ -61,6 +61,7 @@ class Drainer:
         clock: Clock,
         sleep: Sleep = asyncio.sleep,
         rand: Callable[[], float] = random.random,
+        probe_interval_s: float = 300.0,
     ) -> None:
         self._spool = spool
         self._client = client
@@ -73,6 +74,7 @@ class Drainer:
         self._meters: list[tuple[str, str]] = [(billing.meter_event_name, "units")]
         if billing.token_meter_event_name:
             self._meters.append((billing.token_meter_event_name, "tokens"))
+        self._probe_interval = probe_interval_s
         self.failures = 0  # consecutive cycles with a transient failure
         self.last_success: float | None = None  # wall time of Stripe's last acceptance
 
@@ -88,8 +90,37 @@ class Drainer:
         report.finished_batches = await self._spool.finish_batches(self._clock.time())
         report.pruned = await self._spool.prune(self._clock.time() - self._retention_s)
         await self._check_age()
+        await self._probe_if_idle(report)
         self.failures = self.failures + 1 if report.transient_failure else 0
+        await self._persist(report)
         return report
+
+    async def _probe_if_idle(self, report: CycleReport) -> None:
+        """With nothing to send, still find out now and then whether Stripe answers, so
+        /health can tell an outage from a quiet day."""
+        if report.sent or report.duplicates or report.retries or report.rejected:
+            return
+        now = self._clock.time()
+        if self.last_success is not None and now - self.last_success < self._probe_interval:
+            return
+        result = await self._client.probe()
+        if result.accepted:
+            self.last_success = now
+        else:
+            report.retries += 1
+            report.errors[result.kind] = report.errors.get(result.kind, 0) + 1
+
+    async def _persist(self, report: CycleReport) -> None:
+        increments: dict[str, float] = {
+            "batches": report.finished_batches,
+            "events": report.sent + report.duplicates,
+            "calls": report.sent + report.duplicates + report.rejected + report.retries,
+        }
+        increments.update({f"errors:{k}": v for k, v in report.errors.items()})
+        values = {"failures": float(self.failures), "last_cycle_ts": self._clock.time()}
+        if self.last_success is not None:
+            values["last_success_ts"] = self.last_success
+        await self._spool.record_drain(increments, values)
 
     async def _send_open(self, report: CycleReport) -> None:
         groups = await self._spool.open_groups()

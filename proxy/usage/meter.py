@@ -35,6 +35,8 @@ class SendResult:
 class MeterClient(Protocol):
     async def send(self, group: Group) -> SendResult: ...
 
+    async def probe(self) -> SendResult: ...
+
     async def close(self) -> None: ...
 
 
@@ -83,6 +85,20 @@ class StripeMeterClient:
             )
         except stripe.StripeError as exc:
             return classify(exc)
+        except TimeoutError as exc:
+            return SendResult(Outcome.RETRY, str(exc) or "timeout", "timeout")
+        return SendResult(Outcome.DELIVERED)
+
+    async def probe(self) -> SendResult:
+        """A cheap read, so an idle drainer still knows whether Stripe answers."""
+        try:
+            await self._client.v1.billing.meters.list_async({"limit": 1})
+        except stripe.StripeError as exc:
+            result = classify(exc)
+            # A refusal of this read is still an answer from Stripe, except for auth.
+            if result.outcome is Outcome.RETRY:
+                return result
+            return SendResult(Outcome.DELIVERED)
         except TimeoutError as exc:
             return SendResult(Outcome.RETRY, str(exc) or "timeout", "timeout")
         return SendResult(Outcome.DELIVERED)

@@ -44,6 +44,7 @@ async def drain(config: Config, *, once: bool) -> CycleReport | None:
         billing=config.billing,
         spool_config=config.spool,
         clock=SystemClock(),
+        probe_interval_s=config.ops.stripe_probe_interval_s,
     )
     try:
         if once:

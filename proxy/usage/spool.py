@@ -70,6 +70,10 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (batch_id, stripe_customer, event_name)
     );
     """,
+    # 2: what the drainer process last did, read by the proxy for /health and /metrics.
+    """
+    CREATE TABLE drain_state (key TEXT PRIMARY KEY, value REAL NOT NULL);
+    """,
 )
 
 INSERT_EVENT = """
@@ -371,6 +375,39 @@ class Spool:
             (tenant_id, start, end),
         )
         return TenantUsage(*(int(v) for v in next(iter(rows))))
+
+    async def record_drain(self, increments: dict[str, float], values: dict[str, float]) -> None:
+        """Add to the drainer's counters and set its gauges, in one transaction."""
+        db = self.db
+        for key, delta in increments.items():
+            await db.execute(
+                "INSERT INTO drain_state (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = value + excluded.value",
+                (key, delta),
+            )
+        for key, value in values.items():
+            await db.execute(
+                "INSERT INTO drain_state (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+        await db.commit()
+
+    async def drain_state(self) -> dict[str, float]:
+        rows = await self.db.execute_fetchall("SELECT key, value FROM drain_state")
+        return {str(k): float(v) for k, v in rows}
+
+    async def unreported_before(self, ts: float) -> int:
+        rows = await self.db.execute_fetchall(
+            "SELECT COUNT(*) FROM events WHERE billable = 1 AND reported_at IS NULL AND ts < ?",
+            (ts,),
+        )
+        return int(next(iter(rows))[0])
+
+    async def check_writable(self) -> None:
+        """Take and release the write lock: raises when the file cannot be written."""
+        await self.db.execute("BEGIN IMMEDIATE")
+        await self.db.rollback()
 
     async def reported_totals(self, start: float, end: float) -> dict[tuple[str, str], int]:
         """Accepted meter-event values per (customer, event name) by meter-event timestamp."""

@@ -41,8 +41,8 @@ def main(argv: list[str]) -> int:
     def try_load_from_disk(self: Any) -> None:  # always from scratch
         return None
 
-    resources.Store.dump_to_disk = dump_to_disk  # type: ignore[method-assign]
-    resources.Store.try_load_from_disk = try_load_from_disk  # type: ignore[method-assign]
+    resources.Store.dump_to_disk = dump_to_disk
+    resources.Store.try_load_from_disk = try_load_from_disk
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))

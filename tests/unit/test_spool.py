@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from proxy.usage.sink import UsageEvent
-from proxy.usage.spool import Spool, identifier_for
+from proxy.usage.spool import MIGRATIONS, Spool, identifier_for
 
 METERS = [("mcp_tool_calls", "units"), ("mcp_tokens", "tokens")]
 T0 = 1_767_225_600.0
@@ -77,7 +77,7 @@ async def test_concurrent_appends_share_commits(spool: Spool) -> None:
 async def test_wal_mode_and_schema_version(spool: Spool, tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "usage.db") as other:
         assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert other.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert other.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
 
 
 async def test_reopening_keeps_spool_id_and_rows(tmp_path: Path) -> None:
