@@ -127,7 +127,7 @@ class BillingConfig:
     portal_return_url: str = ""
     checkout_success_url: str = ""
     checkout_cancel_url: str = ""
-    checkout_plan: str = "pro"
+    checkout_plan: str = ""  # empty: the first plan with stripe_lookup_keys
 
     def meter_names(self) -> tuple[str, ...]:
         names = (self.meter_event_name, self.token_meter_event_name)
@@ -468,6 +468,11 @@ def parse_config(data: Mapping[str, Any] | None, env: Mapping[str, str]) -> Conf
         )
     log_level = top.choice("log_level", "info", ("debug", "info", "warning", "error"))
     billing = _billing(top, env)
+    if billing.checkout_plan and billing.checkout_plan not in plans:
+        raise ConfigError(
+            f"billing.checkout_plan: {billing.checkout_plan!r} is not a plan; defined plans are "
+            f"{', '.join(plans)}"
+        )
     if billing.restricted_plan and billing.restricted_plan not in plans:
         raise ConfigError(
             f"billing.restricted_plan: {billing.restricted_plan!r} is not a plan; defined plans "
@@ -622,7 +627,7 @@ def _billing(top: _Reader, env: Mapping[str, str]) -> BillingConfig:
         portal_return_url=r.string("portal_return_url", ""),
         checkout_success_url=r.string("checkout_success_url", ""),
         checkout_cancel_url=r.string("checkout_cancel_url", ""),
-        checkout_plan=r.string("checkout_plan", "pro"),
+        checkout_plan=r.string("checkout_plan", ""),
     )
 
 

@@ -110,7 +110,8 @@ class BillingApi:
             return _error(
                 503, "Checkout is not configured on this proxy (billing.checkout_success_url)."
             )
-        plan_name = billing.checkout_plan
+        sellable = [p.name for p in self._cfg.plans.values() if p.stripe_lookup_keys]
+        plan_name = billing.checkout_plan or (sellable[0] if sellable else "")
         raw = await request.read()
         if raw.strip():
             try:
@@ -122,12 +123,19 @@ class BillingApi:
             plan_name = body.get("plan", plan_name)
         plan = self._cfg.plans.get(plan_name)
         if plan is None or not plan.stripe_lookup_keys:
-            sellable = [p.name for p in self._cfg.plans.values() if p.stripe_lookup_keys]
             return _error(400, f"Plan {plan_name!r} cannot be bought; choose one of {sellable}.")
         try:
             prices = await self._stripe.v1.prices.list_async(
                 {"lookup_keys": list(plan.stripe_lookup_keys), "active": True}
             )
+            missing = set(plan.stripe_lookup_keys) - {p.lookup_key for p in prices.data}
+            if missing:
+                log.error("checkout_prices_missing", plan=plan.name, lookup_keys=sorted(missing))
+                return _error(
+                    503,
+                    f"Plan {plan.name!r} is not set up in Stripe yet (no active price for "
+                    f"{', '.join(sorted(missing))}); the operator runs `billing setup`.",
+                )
             # Metered prices take no quantity (Stripe refuses one); licensed ones take 1.
             items: list[dict[str, Any]] = [
                 {"price": p.id}
