@@ -6,11 +6,12 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 import structlog
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from .billing.api import BillingApi
 from .billing.stripe_client import make_client
@@ -20,7 +21,9 @@ from .clock import Clock, SystemClock
 from .config import Config
 from .directory import Directory
 from .forward import McpProxy
+from .health import Lifecycle, billing_health, drain_snapshot, readiness
 from .keys import KeySpace
+from .metrics import DrainSnapshot, Metrics, StateCollector
 from .quota.engine import QuotaEngine
 from .quota.storage import QuotaStorage
 from .replies import not_found
@@ -52,6 +55,9 @@ class Components:
     sink: UsageSink
     tasks: TaskSet
     pepper: str
+    metrics: Metrics
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    drain_snapshot: DrainSnapshot | None = None
     proxy: McpProxy | None = None
     started: Started | None = None
 
@@ -73,17 +79,21 @@ def build_components(
     clock: Clock | None = None,
     sink: UsageSink | None = None,
     stores: StoreClients | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> Components:
     clock = clock or SystemClock()
     stores = stores or connect(config.redis)
     keys = KeySpace(config.redis.key_prefix)
     # The embedded store forgets everything at exit, so an ephemeral pepper is safe there.
     pepper = config.auth.pepper or secrets.token_urlsafe(32)
+    # Each app has its own registry (tests run many apps in one process).
+    metrics = Metrics(registry or CollectorRegistry(), per_tenant=config.ops.per_tenant_metrics)
     guard = StoreGuard(
         CircuitBreaker(
             config.redis.breaker_failures, config.redis.breaker_cooldown_s, clock.monotonic
         ),
         timeout=config.redis.timeout_ms / 1000,
+        on_failure=metrics.redis_errors.inc,
     )
     storage = QuotaStorage(stores.main, keys)
     engine = QuotaEngine(
@@ -111,6 +121,7 @@ def build_components(
         sink=sink,
         tasks=TaskSet(),
         pepper=pepper,
+        metrics=metrics,
     )
 
 
@@ -123,6 +134,12 @@ def create_app(components: Components) -> web.Application:
     for path in config.upstream.mcp_paths:
         app.router.add_route("*", path, _mcp)
     app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/metrics", _metrics)
+    components.metrics.registry.register(
+        StateCollector(lambda: components.guard.state.value, lambda: components.drain_snapshot)
+    )
     app.router.add_post(config.billing.webhook_path, _webhook)
     app.router.add_get("/api/billing/usage", _usage)
     app.router.add_post("/api/billing/portal", _portal)
@@ -171,6 +188,32 @@ async def _healthz(_: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def _readyz(request: web.Request) -> web.Response:
+    c = request.app[COMPONENTS]
+    ready, components = await readiness(c.config, c.stores, c.guard, c.sink, c.lifecycle)
+    return web.json_response(
+        {"status": "ready" if ready else "not_ready", "components": components},
+        status=200 if ready else 503,
+    )
+
+
+async def _health(request: web.Request) -> web.Response:
+    c = request.app[COMPONENTS]
+    body = await billing_health(c.config, c.stores, c.keys, c.guard, c.sink, c.clock)
+    return web.json_response(body)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    c = request.app[COMPONENTS]
+    if isinstance(c.sink, Spool):
+        # The drainer process writes its state into the spool; read it once per scrape.
+        c.drain_snapshot = await drain_snapshot(c.sink, c.clock.time())
+    return web.Response(
+        body=generate_latest(c.metrics.registry),
+        headers={"Content-Type": CONTENT_TYPE_LATEST},
+    )
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     c = app[COMPONENTS]
     http = aiohttp.ClientSession(
@@ -197,6 +240,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         c.engine,
         c.clock,
         c.tasks,
+        c.metrics,
     )
     if isinstance(c.sink, Spool):
         await c.sink.open()
@@ -204,7 +248,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     if c.config.billing.stripe_secret_key:
         stripe_client, stripe_http = make_client(c.config.billing, retries=2)
     c.started = Started(
-        webhooks=WebhookReceiver(c.config, c.stores.main, c.keys, c.guard, c.clock, stripe_client),
+        webhooks=WebhookReceiver(
+            c.config, c.stores.main, c.keys, c.guard, c.clock, stripe_client, c.metrics
+        ),
         billing=BillingApi(c.config, c.directory, c.engine, c.clock, stripe_client),
     )
     await c.directory.start()

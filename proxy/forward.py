@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -37,6 +40,7 @@ from .jsonrpc import (
     parse_body,
 )
 from .jsonrpc import error as rpc_error
+from .metrics import Metrics
 from .replies import cors_headers, json_reply, preflight, rpc_error_reply, unauthorized
 from .sessions import Sessions
 from .settle import PendingCall, Settler
@@ -44,6 +48,7 @@ from .sse import SSEEvent, SSEParser
 from .store import StoreUnavailable
 from .tasks import TaskSet
 from .tenants import Tenant
+from .usage.spool import SpoolError
 
 log = structlog.get_logger(__name__)
 
@@ -62,7 +67,9 @@ class McpProxy:
         engine: Any,
         clock: Clock,
         tasks: TaskSet,
+        metrics: Metrics,
     ) -> None:
+        self._m = metrics
         self._cfg = cfg
         self._http = http
         self._directory = directory
@@ -75,6 +82,19 @@ class McpProxy:
     # --- the request path -----------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        ctx = _Ctx(started=time.perf_counter(), method=request.method)
+        self._m.inflight.inc()
+        status = 500
+        try:
+            resp = await self._handle(request, ctx)
+            status = resp.status
+            return resp
+        finally:
+            self._m.inflight.dec()
+            self._m.requests.labels(ctx.method, ctx.outcome or _status_outcome(status)).inc()
+            self._m.request_seconds.labels(ctx.method).observe(time.perf_counter() - ctx.started)
+
+    async def _handle(self, request: web.Request, ctx: _Ctx) -> web.StreamResponse:
         origin = request.headers.get("Origin")
         if not origin_allowed(origin, self._cfg.proxy.allowed_origins):
             return rpc_error_reply(
@@ -101,8 +121,8 @@ class McpProxy:
         if tenant is None:
             return _with(unauthorized(None, UNAUTHORIZED), cors)
 
-        incoming_id = request.headers.get("X-Request-Id", "")
-        request_id = incoming_id if REQUEST_ID_RE.fullmatch(incoming_id) else uuid.uuid4().hex
+        request_id = ctx.request_id = request_id_of(request.headers)
+        ctx.tenant = tenant.id
         session_id = request.headers.get("Mcp-Session-Id")
         if session_id is not None:
             owner = await self._sessions.owner(session_id)
@@ -124,6 +144,7 @@ class McpProxy:
                 return _too_large(self._cfg.proxy.max_body_bytes, cors)
             try:
                 parsed = parse_body(body)
+                ctx.method = _method_label(parsed)
                 gated = await gate(
                     parsed,
                     tenant,
@@ -136,7 +157,9 @@ class McpProxy:
                 )
             except RpcError as exc:
                 return rpc_error_reply(400, exc.code, exc.message, exc.rpc_id, cors)
+            self._observe_gate(ctx, gated)
             if gated.replies:
+                ctx.outcome = "answered_here"
                 return await self._answer_here(parsed, gated, cors)
         elif request.method not in ("GET", "DELETE"):
             return rpc_error_reply(
@@ -149,7 +172,7 @@ class McpProxy:
             m.get("method") == "initialize" for m in parsed.messages
         )
         return await self._forward(
-            request, body, tenant, gated, session_id, request_id, cors, initialize=initialize
+            request, body, tenant, gated, session_id, ctx, cors, initialize=initialize
         )
 
     async def _answer_here(
@@ -180,11 +203,12 @@ class McpProxy:
         tenant: Tenant,
         gated: GateResult,
         session_id: str | None,
-        request_id: str,
+        ctx: _Ctx,
         cors: dict[str, str],
         *,
         initialize: bool,
     ) -> web.StreamResponse:
+        request_id = ctx.request_id
         outstanding = dict(gated.pending)
         headers = upstream_request_headers(
             request.headers.items(), self._cfg.proxy.tenant_header, tenant.id
@@ -195,11 +219,16 @@ class McpProxy:
         hidden = effective_plan(tenant, self._clock.time(), self._cfg).hidden_tools
         try:
             try:
-                ctx = self._http.request(
+                upstream = self._http.request(
                     request.method, url, headers=headers, data=body or None, allow_redirects=False
                 )
-                up = await ctx.__aenter__()
+                sent = time.perf_counter()
+                self._m.overhead_seconds.observe(sent - ctx.started)
+                up = await upstream.__aenter__()
+                self._m.upstream_seconds.labels(ctx.method).observe(time.perf_counter() - sent)
+                ctx.upstream_status = up.status
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                ctx.outcome = "upstream_unreachable"
                 await self._refund(outstanding)
                 log.warning("upstream_unreachable", error=type(exc).__name__)
                 return rpc_error_reply(
@@ -228,14 +257,31 @@ class McpProxy:
                 if up.status >= 300:
                     await self._refund(outstanding)
                 if (metering or watch) and ctype.startswith("text/event-stream"):
-                    resumable = await self._pump_sse(
-                        up, resp, outstanding, gated.list_ids, hidden, session_id if watch else None
-                    )
+                    self._m.open_streams.inc()
+                    try:
+                        resumable = await self._pump_sse(
+                            up,
+                            resp,
+                            outstanding,
+                            gated.list_ids,
+                            hidden,
+                            ctx,
+                            session_id if watch else None,
+                        )
+                    finally:
+                        self._m.open_streams.dec()
                 elif metering and ctype.startswith("application/json"):
-                    await self._pump_json(up, resp, outstanding, gated.list_ids, hidden)
+                    await self._pump_json(up, resp, outstanding, gated.list_ids, hidden, ctx)
                 else:
-                    async for chunk in up.content.iter_any():
-                        await resp.write(chunk)
+                    streaming = ctype.startswith("text/event-stream")
+                    if streaming:
+                        self._m.open_streams.inc()
+                    try:
+                        async for chunk in up.content.iter_any():
+                            await resp.write(chunk)
+                    finally:
+                        if streaming:
+                            self._m.open_streams.dec()
                 if outstanding:
                     # Stream ended without a result. In a resumable legacy session it may still
                     # come on a GET stream (SEP-1699); otherwise closing it is cancellation.
@@ -248,7 +294,7 @@ class McpProxy:
                 await resp.write_eof()
                 return resp
             finally:
-                await ctx.__aexit__(None, None, None)
+                await upstream.__aexit__(None, None, None)
         except aiohttp.ClientPayloadError:
             log.warning("upstream_stream_broken", request_id=request_id)
             raise
@@ -269,6 +315,7 @@ class McpProxy:
         outstanding: dict[RpcId, PendingCall],
         list_ids: set[RpcId],
         hidden: frozenset[str],
+        ctx: _Ctx,
         watch_session: str | None,
     ) -> bool:
         """Forward event by event; a call's result is released only after it is settled.
@@ -289,7 +336,7 @@ class McpProxy:
                         if out:
                             await resp.write(b"".join(out))
                             out.clear()
-                        await self._settle(call, message)
+                        await self._settle(call, message, ctx)
                     elif rpc_id in list_ids:
                         raw = _sse_rewrite(event, _filter_tools(message, hidden))
                 out.append(raw)
@@ -307,6 +354,7 @@ class McpProxy:
         outstanding: dict[RpcId, PendingCall],
         list_ids: set[RpcId],
         hidden: frozenset[str],
+        ctx: _Ctx,
     ) -> None:
         chunks: list[bytes] = []
         size = 0
@@ -331,7 +379,7 @@ class McpProxy:
                 continue
             call = outstanding.pop(rpc_id, None)
             if call is not None:
-                await self._settle(call, message)
+                await self._settle(call, message, ctx)
             elif rpc_id in list_ids:
                 messages[i] = _filter_tools(message, hidden)
                 rewritten = True
@@ -339,26 +387,146 @@ class McpProxy:
             raw = dumps(messages if isinstance(doc, list) else messages[0])
         await resp.write(raw)
 
-    async def _settle(self, call: PendingCall, message: dict[str, Any]) -> None:
+    async def _settle(self, call: PendingCall, message: dict[str, Any], ctx: _Ctx) -> None:
         """Settle to the end even if the client leaves meanwhile: once the upstream has
         answered, the quota commit and the spool row must not be cut in half."""
         task = self._tasks.spawn(self._settler.final(call, message), name="settle")
-        await asyncio.shield(task)
+        try:
+            outcome = await asyncio.shield(task)
+        except SpoolError:
+            self._m.spool_errors.inc()
+            self._call_done(ctx, call.tool, call.decision.cost, "spool_error")
+            raise
+        if outcome in BILLED_OUTCOMES or (
+            outcome == "tool_error" and self._cfg.proxy.bill_tool_errors
+        ):
+            self._m.spool_appends.inc()
+        self._call_done(ctx, call.tool, call.decision.cost, outcome)
+
+    def _observe_gate(self, ctx: _Ctx, gated: GateResult) -> None:
+        for tool, decision in gated.decisions:
+            self._m.quota_decisions.labels(decision.plan, decision.outcome.value).inc()
+            if not decision.allowed:
+                self._call_done(ctx, tool, decision.cost, decision.outcome.value)
+            elif self._m.per_tenant is not None and decision.used >= 0:
+                self._m.per_tenant.labels(ctx.tenant or "-").set(decision.used)
+        for tool in gated.hidden:
+            self._m.quota_decisions.labels("-", "hidden_tool").inc()
+            self._call_done(ctx, tool, 0, "hidden_tool")
+
+    def _call_done(self, ctx: _Ctx, tool: str | None, units: int, outcome: str) -> None:
+        """One metric and one log line per gated call: never a key, a secret or a body."""
+        self._m.tool_calls.labels(tool or "-", outcome).inc()
+        log.info(
+            "tool_call",
+            request_id=ctx.request_id,
+            tenant=ctx.tenant,
+            tool=tool,
+            units=units,
+            outcome=outcome,
+            upstream_status=ctx.upstream_status,
+            duration_ms=round((time.perf_counter() - ctx.started) * 1000, 2),
+        )
 
     async def _refund(self, outstanding: dict[RpcId, PendingCall]) -> None:
         calls = list(outstanding.values())
         outstanding.clear()
         await self._refund_calls(calls)
 
-    async def _refund_calls(self, calls: list[PendingCall]) -> None:
+    async def _refund_calls(self, calls: list[PendingCall], ctx: _Ctx | None = None) -> None:
         for call in calls:
             await self._settler.refund(call)
+            self._m.tool_calls.labels(call.tool or "-", "abandoned").inc()
+            log.info(
+                "tool_call",
+                request_id=call.request_id,
+                tenant=call.tenant.id,
+                tool=call.tool,
+                units=call.decision.cost,
+                outcome="abandoned",
+                upstream_status=None if ctx is None else ctx.upstream_status,
+            )
 
     async def reap_deferred(self) -> int:
         """Refund deferred calls whose result never arrived; returns how many."""
         calls = self._sessions.expire(self._clock.monotonic())
         await self._refund_calls(calls)
         return len(calls)
+
+
+BILLED_OUTCOMES = frozenset({"ok"})
+KNOWN_METHODS = frozenset(
+    {
+        "initialize",
+        "ping",
+        "server/discover",
+        "tools/list",
+        "tools/call",
+        "resources/list",
+        "resources/read",
+        "resources/templates/list",
+        "resources/subscribe",
+        "resources/unsubscribe",
+        "prompts/list",
+        "prompts/get",
+        "completion/complete",
+        "logging/setLevel",
+        "subscriptions/listen",
+        "tasks/get",
+        "tasks/result",
+        "tasks/list",
+        "tasks/cancel",
+    }
+)
+
+
+@dataclass(slots=True)
+class _Ctx:
+    """What one request learned on its way, for its metrics and log lines."""
+
+    started: float
+    method: str
+    outcome: str = ""
+    request_id: str = ""
+    tenant: str | None = None
+    upstream_status: int | None = None
+
+
+def _method_label(body: Body) -> str:
+    """A bounded label: clients can send any method name, Prometheus must not see them all."""
+    if body.batch:
+        return "batch"
+    message = body.messages[0]
+    method = message.get("method")
+    if not isinstance(method, str):
+        return "response"
+    if method.startswith("notifications/"):
+        return "notification"
+    return method if method in KNOWN_METHODS else "other"
+
+
+def _status_outcome(status: int) -> str:
+    return {
+        401: "unauthorized",
+        400: "bad_request",
+        403: "forbidden",
+        404: "not_found",
+        405: "method_not_allowed",
+        413: "too_large",
+        503: "store_unavailable",
+    }.get(status, "ok" if status < 400 else "error")
+
+
+def request_id_of(headers: Mapping[str, str]) -> str:
+    """X-Request-Id if well-formed, else the trace id of a W3C traceparent, else a new one."""
+    incoming = headers.get("X-Request-Id", "")
+    if REQUEST_ID_RE.fullmatch(incoming):
+        return str(incoming)
+    parent = headers.get("traceparent", "")
+    parts = parent.split("-")
+    if len(parts) == 4 and len(parts[1]) == 32 and all(c in "0123456789abcdef" for c in parts[1]):
+        return str(parts[1])
+    return uuid.uuid4().hex
 
 
 def _with(resp: web.Response, headers: dict[str, str]) -> web.Response:

@@ -30,6 +30,8 @@ class GateResult:
     pending: dict[RpcId, PendingCall] = field(default_factory=dict)
     replies: dict[RpcId, dict[str, Any]] = field(default_factory=dict)  # answered here
     list_ids: set[RpcId] = field(default_factory=set)  # tools/list replies to filter
+    decisions: list[tuple[str | None, Decision]] = field(default_factory=list)  # (tool, ...)
+    hidden: list[str] = field(default_factory=list)  # refused as unknown tools
 
 
 def refusal(rpc_id: RpcId, decision: Decision, cfg: ProxyConfig, modern: bool) -> dict[str, Any]:
@@ -74,10 +76,12 @@ async def gate(
         if tool is not None and tool in plan.hidden_tools:
             # Indistinguishable from a tool the server does not have.
             out.replies[rpc_id] = rpc_error(rpc_id, INVALID_PARAMS, f"Unknown tool: {tool}")
+            out.hidden.append(tool)
             continue
         if period is None:
             period = engine.period(tenant.period_start, tenant.period_end)
         decision, reservation = await engine.reserve(tenant.id, plan, period, weight, tool)
+        out.decisions.append((tool, decision))
         if decision.allowed:
             out.pending[rpc_id] = PendingCall(
                 rpc_id=rpc_id,

@@ -60,9 +60,17 @@ async def run_server(
     on_ready: Callable[[str], Awaitable[None]] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
+    """Serve until SIGTERM/SIGINT, then shut down without cutting a call: readiness turns
+    false first, in-flight requests and streams get `ops.shutdown_grace_s` to finish, the
+    spool is flushed, and the drainer child makes a final attempt."""
     c = components or build_components(config)
     app = create_app(c)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handler_cancellation=True,
+        shutdown_timeout=config.ops.shutdown_grace_s,
+    )
     await runner.setup()
     site = web.TCPSite(runner, config.listen.host, config.listen.port)
     await site.start()
@@ -76,19 +84,32 @@ async def run_server(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    drainer_stop = asyncio.Event()
     drainer: asyncio.Task[None] | None = None
     if config.billing.enabled and config.drain.embedded:
         from .usage.runner import supervise
 
-        drainer = asyncio.create_task(supervise(config_path, stop), name="drainer-supervisor")
+        drainer = asyncio.create_task(
+            supervise(config_path, drainer_stop), name="drainer-supervisor"
+        )
     try:
         if on_ready is not None:
             await on_ready(url)
         await stop.wait()
-        if drainer is not None:
-            await drainer  # the child makes its final attempt within its grace period
+        c.lifecycle.shutting_down = True
+        log.info(
+            "shutting_down",
+            readiness_delay_s=config.ops.readiness_delay_s,
+            grace_s=config.ops.shutdown_grace_s,
+        )
+        # Load balancers and Kubernetes endpoints need a moment to see /readyz fail.
+        await asyncio.sleep(config.ops.readiness_delay_s)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        log.info("stopping")
+        # Stops listening, lets in-flight calls finish (up to the grace), flushes the spool.
         await runner.cleanup()
+        drainer_stop.set()
+        if drainer is not None:
+            await drainer  # the child's final attempt sends what the spool just received
+        log.info("stopped")

@@ -66,9 +66,12 @@ def connect(cfg: RedisConfig) -> StoreClients:
 class StoreGuard:
     """Runs one store operation with a deadline; a run of failures opens the breaker."""
 
-    def __init__(self, breaker: CircuitBreaker, timeout: float) -> None:
+    def __init__(
+        self, breaker: CircuitBreaker, timeout: float, on_failure: Callable[[], None] | None = None
+    ) -> None:
         self.breaker = breaker
         self._timeout = timeout
+        self._on_failure = on_failure
 
     @property
     def state(self) -> BreakerState:
@@ -82,6 +85,8 @@ class StoreGuard:
                 result = await op()
         except (RedisError, OSError, TimeoutError) as exc:
             self.breaker.failure()
+            if self._on_failure is not None:
+                self._on_failure()
             raise StoreUnavailable(type(exc).__name__) from exc
         self.breaker.success()
         return result

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from ..clock import Clock
 from ..config import Config
 from ..keys import KeySpace
+from ..metrics import Metrics
 from ..store import StoreGuard, StoreUnavailable
 from .plansync import Change, EventError, interpret
 
@@ -46,7 +47,9 @@ class WebhookReceiver:
         guard: StoreGuard,
         clock: Clock,
         stripe_client: stripe.StripeClient | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._cfg = config
         self._r = redis
         self._k = keys
@@ -57,14 +60,22 @@ class WebhookReceiver:
         self._apply = redis.register_script(script)
 
     async def handle(self, request: web.Request) -> web.Response:
+        outcome, kind, message = await self._receive(request)
+        if self._metrics is not None:
+            self._metrics.webhooks.labels(kind, outcome.result).inc()
+        return _reply(outcome, message)
+
+    async def _receive(self, request: web.Request) -> tuple[Outcome, str, str]:
+        """(outcome, event type for metrics: only verified events name theirs, message)."""
         secret = self._cfg.billing.webhook_secret
         if not secret:
-            return _reply(
+            return (
                 Outcome(503, "not_configured"),
+                "-",
                 "STRIPE_WEBHOOK_SECRET is not set on this proxy; set it so events can be verified",
             )
         if (request.content_length or 0) > MAX_WEBHOOK_BYTES:
-            return _reply(Outcome(413, "too_large"))
+            return Outcome(413, "too_large"), "-", ""
         raw = await request.read()
         header = request.headers.get("Stripe-Signature", "")
         try:
@@ -73,23 +84,24 @@ class WebhookReceiver:
                 raw.decode("utf-8"), header, secret, self._cfg.billing.webhook_tolerance_s
             )
         except (stripe.SignatureVerificationError, UnicodeDecodeError):
-            return _reply(Outcome(400, "bad_signature"), "signature verification failed")
+            return Outcome(400, "bad_signature"), "-", "signature verification failed"
         try:
             event = json.loads(raw)
             if not isinstance(event, dict) or not isinstance(event.get("id"), str):
                 raise EventError("not a Stripe event")
             change = interpret(event, self._cfg)
         except (ValueError, EventError) as exc:
-            return _reply(Outcome(400, "bad_event"), str(exc))
+            return Outcome(400, "bad_event"), "-", str(exc)
+        kind = str(event.get("type"))
         try:
             now_ms = int(self._clock.time() * 1000)
             await self._guard.run(lambda: self._r.set(self._k.webhook_last(), now_ms))
             outcome = await self._apply_change(event, change)
         except StoreUnavailable:
             # 5xx: Stripe retries the delivery later.
-            return _reply(Outcome(503, "store_unavailable"), "tenant store unreachable; retry")
-        log.info("webhook", event_id=event["id"], type=event.get("type"), result=outcome.result)
-        return _reply(outcome)
+            return Outcome(503, "store_unavailable"), kind, "tenant store unreachable; retry"
+        log.info("webhook", event_id=event["id"], type=kind, result=outcome.result)
+        return outcome, kind, ""
 
     async def _apply_change(self, event: dict[str, Any], change: Change | None) -> Outcome:
         if change is None:
