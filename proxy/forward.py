@@ -225,7 +225,8 @@ class McpProxy:
                 sent = time.perf_counter()
                 self._m.overhead_seconds.observe(sent - ctx.started)
                 up = await upstream.__aenter__()
-                self._m.upstream_seconds.labels(ctx.method).observe(time.perf_counter() - sent)
+                ctx.upstream_s = time.perf_counter() - sent
+                self._m.upstream_seconds.labels(ctx.method).observe(ctx.upstream_s)
                 ctx.upstream_status = up.status
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
                 ctx.outcome = "upstream_unreachable"
@@ -426,6 +427,7 @@ class McpProxy:
             outcome=outcome,
             upstream_status=ctx.upstream_status,
             duration_ms=round((time.perf_counter() - ctx.started) * 1000, 2),
+            upstream_ms=None if ctx.upstream_s is None else round(ctx.upstream_s * 1000, 2),
         )
 
     async def _refund(self, outstanding: dict[RpcId, PendingCall]) -> None:
@@ -490,6 +492,7 @@ class _Ctx:
     request_id: str = ""
     tenant: str | None = None
     upstream_status: int | None = None
+    upstream_s: float | None = None  # time to the upstream's response headers
 
 
 def _method_label(body: Body) -> str:
