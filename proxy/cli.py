@@ -160,20 +160,26 @@ def _run_stripe(work: Callable[[], Coroutine[Any, Any, str]]) -> str:
         raise CliError(f"Stripe: {exc.user_message or exc}") from None
 
 
-def cmd_usage(args: argparse.Namespace) -> int:
+def _period(period: str | None) -> tuple[int, int]:
+    """[start, end) of a YYYY-MM month, or of this month (UTC) when none is given."""
     from .billing.reconcile import month_bounds
-    from .quota.policy import calendar_month, iso
+    from .quota.policy import calendar_month
+
+    if period:
+        try:
+            return month_bounds(period)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+    month = calendar_month(time.time())
+    return month.start, month.end
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from .quota.policy import iso
     from .usage.runner import open_spool
 
     config = _config(args)
-    if args.period:
-        try:
-            start, end = month_bounds(args.period)
-        except ValueError as exc:
-            raise CliError(str(exc)) from None
-    else:
-        month = calendar_month(time.time())
-        start, end = month.start, month.end
+    start, end = _period(args.period)
 
     async def run() -> None:
         spool = open_spool(config)
@@ -198,20 +204,12 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from .billing.reconcile import month_bounds, reconcile, render
+    from .billing.reconcile import reconcile, render
     from .billing.stripe_client import make_client
-    from .quota.policy import calendar_month
     from .usage.runner import open_spool
 
     config = _stripe_config(args)
-    if args.period:
-        try:
-            start, end = month_bounds(args.period)
-        except ValueError as exc:
-            raise CliError(str(exc)) from None
-    else:
-        month = calendar_month(time.time())
-        start, end = month.start, month.end
+    start, end = _period(args.period)
     worst = 0
 
     async def run() -> str:

@@ -119,6 +119,27 @@ class TenantUsage:
     tokens: int
 
 
+def row_of(event: UsageEvent, replica_id: str) -> tuple[object, ...]:
+    """The row `Spool.append` inserts for `event`, in INSERT_EVENT's column order."""
+    return (
+        event.timestamp,
+        event.tenant_id,
+        event.stripe_customer,
+        event.plan,
+        event.method,
+        event.tool,
+        event.units,
+        event.tokens,
+        event.request_id,
+        event.rpc_id,
+        event.session_id,
+        replica_id,
+        event.outcome,
+        int(event.degraded),
+        int(event.billable),
+    )
+
+
 def identifier_for(spool_id: str, batch_id: int, customer: str, event_name: str) -> str:
     """Deterministic per (spool file, batch, customer, meter): a re-send after a crash reuses
     it, so Stripe's duplicate answer means "already delivered". The spool id is random per
@@ -189,23 +210,7 @@ class Spool:
         """Returns once the event is committed (group commit with concurrent appends)."""
         if self._writer is None:
             raise SpoolError("the spool is not open")
-        row = (
-            event.timestamp,
-            event.tenant_id,
-            event.stripe_customer,
-            event.plan,
-            event.method,
-            event.tool,
-            event.units,
-            event.tokens,
-            event.request_id,
-            event.rpc_id,
-            event.session_id,
-            self.replica_id,
-            event.outcome,
-            int(event.degraded),
-            int(event.billable),
-        )
+        row = row_of(event, self.replica_id)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((row, done))
         await done

@@ -44,7 +44,7 @@ from proxy.config import BillingConfig, DrainConfig, SpoolConfig
 from proxy.usage.drainer import MAX_BATCHES_PER_CYCLE, Drainer
 from proxy.usage.meter import StripeMeterClient
 from proxy.usage.sink import UsageEvent
-from proxy.usage.spool import INSERT_EVENT, Spool
+from proxy.usage.spool import INSERT_EVENT, Spool, row_of
 from tests.fakes.stripe_fake import run_stripe_fake
 
 MODULE = "tests.benchmarks.spool_drain"
@@ -87,27 +87,6 @@ def make_events(count: int, customers: Sequence[str], seed: int) -> list[UsageEv
             )
         )
     return events
-
-
-def row_of(event: UsageEvent, replica_id: str) -> tuple[object, ...]:
-    """The row `Spool.append` inserts for `event`, in INSERT_EVENT's column order."""
-    return (
-        event.timestamp,
-        event.tenant_id,
-        event.stripe_customer,
-        event.plan,
-        event.method,
-        event.tool,
-        event.units,
-        event.tokens,
-        event.request_id,
-        event.rpc_id,
-        event.session_id,
-        replica_id,
-        event.outcome,
-        int(event.degraded),
-        int(event.billable),
-    )
 
 
 def remove_db(path: Path) -> None:
