@@ -81,7 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args)
     configure(config.log_level)
     try:
-        asyncio.run(run_server(config, config_path=args.config))
+        _run(run_server(config, config_path=args.config))
     except OSError as exc:
         raise CliError(
             f"cannot listen on {config.listen.host}:{config.listen.port}: {exc.strerror or exc}"
@@ -109,6 +109,16 @@ def cmd_drain(args: argparse.Namespace) -> int:
         )
         return 1 if report.retries or report.rejected else 0
     return 0
+
+
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    """uvloop where it is installed (it is a dependency on Linux), asyncio otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
 
 
 def _stripe_config(args: argparse.Namespace) -> Config:

@@ -4,7 +4,6 @@ settling each gated call from its final response on the way through."""
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import time
 import uuid
@@ -13,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
 import structlog
 from aiohttp import web
 
@@ -366,7 +366,7 @@ class McpProxy:
             chunks.append(chunk)
         raw = b"".join(chunks)
         try:
-            doc = json.loads(raw)
+            doc = orjson.loads(raw)
         except ValueError:
             await resp.write(raw)
             return  # garbage: outstanding calls are refunded by the caller
@@ -555,7 +555,7 @@ def _responses(data: str) -> list[dict[str, Any]]:
     if '"id"' not in data or ('"result"' not in data and '"error"' not in data):
         return []
     try:
-        doc = json.loads(data)
+        doc = orjson.loads(data)
     except ValueError:
         return []
     items = doc if isinstance(doc, list) else [doc]
@@ -583,5 +583,5 @@ def _sse_rewrite(event: SSEEvent, message: dict[str, Any]) -> bytes:
         lines.append(f"event: {event.event}")
     if event.id is not None:
         lines.append(f"id: {event.id}")
-    lines.append("data: " + json.dumps(message, separators=(",", ":")))
+    lines.append("data: " + orjson.dumps(message).decode())
     return ("\n".join(lines) + "\n\n").encode()

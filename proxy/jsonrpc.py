@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
@@ -92,10 +93,9 @@ def parse_body(raw: bytes) -> Body:
             INVALID_REQUEST, "Invalid Request: the body is empty; POST one JSON-RPC message"
         )
     try:
-        # Decode strictly first: json.loads(bytes) would also accept UTF-16/32, which the
-        # upstream may read differently.
-        doc = json.loads(raw.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
+        # orjson accepts only strict UTF-8 (no UTF-16/32, no lone surrogates) and no NaN.
+        doc = orjson.loads(raw)
+    except ValueError:
         raise RpcError(PARSE_ERROR, "Parse error: the body is not valid UTF-8 JSON") from None
     if isinstance(doc, list):
         if not doc:
@@ -125,7 +125,7 @@ def tool_error(rpc_id: RpcId, text: str, meta: dict[str, Any], modern: bool) -> 
 
 
 def dumps(doc: object) -> bytes:
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    return orjson.dumps(doc)
 
 
 def is_modern(protocol_version: str | None) -> bool:

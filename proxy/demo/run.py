@@ -74,6 +74,8 @@ async def _demo(port: int, spool_dir: str) -> None:
                 "upstream": {"url": upstream_url.removesuffix("/mcp")},
                 "plans": {"free": DEMO_PLAN},
                 "spool": {"path": f"{spool_dir}/usage.db"},
+                # No load balancer in front of a demo: stop at once on Ctrl-C.
+                "ops": {"readiness_delay_s": 0},
                 "log_level": "warning",
             },
             {},

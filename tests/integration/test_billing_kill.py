@@ -79,6 +79,7 @@ async def stack(
             "spool": {"path": str(spool)},
             "drain": {"interval_s": 0.2, "max_batch": 50},
             "billing": {"enabled": True, "meter_event_name": METER},
+            "ops": {"readiness_delay_s": 0.1},
             "log_level": "warning",
         }
         path = tmp_path / "config.yaml"

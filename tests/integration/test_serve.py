@@ -59,6 +59,7 @@ def serve_env(
         "redis": {"key_prefix": key_prefix},
         "plans": {"free": {"included_units": 2}},
         "spool": {"path": str(tmp_path / "usage.db")},
+        "ops": {"readiness_delay_s": 0.1},
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -119,7 +120,13 @@ async def test_serve_names_an_unreachable_store(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     port = free_port()
     path.write_text(
-        yaml.safe_dump({"listen": {"port": port}, "spool": {"path": str(tmp_path / "u.db")}})
+        yaml.safe_dump(
+            {
+                "listen": {"port": port},
+                "spool": {"path": str(tmp_path / "u.db")},
+                "ops": {"readiness_delay_s": 0.1},
+            }
+        )
     )
     env = {
         **os.environ,
