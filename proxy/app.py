@@ -262,6 +262,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await reaper
         await c.tasks.drain()
+        await c.engine.flush()
         if isinstance(c.sink, Spool):
             await c.sink.close()
         await c.directory.stop()

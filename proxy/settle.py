@@ -76,7 +76,7 @@ class Settler:
             await self.refund(call)
             return outcome
         if call.reservation is not None:
-            await self._engine.settle(call.reservation, commit=True)
+            self._engine.commit_later(call.reservation)
         await self._sink.append(
             UsageEvent(
                 tenant_id=call.tenant.id,

@@ -3,6 +3,7 @@ guard (deadline + breaker), and the configured fail mode when the store is away.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 
 import structlog
@@ -16,6 +17,7 @@ from .storage import ALLOWED, OVER_QUOTA, QuotaStorage, Reservation
 log = structlog.get_logger(__name__)
 
 COUNTER_RETENTION_S = 40 * 86400  # keep past periods' counters for usage reports
+COMMIT_BATCH = 256
 
 
 class QuotaEngine:
@@ -33,6 +35,8 @@ class QuotaEngine:
         self._clock = clock
         self._fail_open = fail_open
         self._ttl_ms = reservation_ttl_s * 1000
+        self._commits: list[Reservation] = []
+        self._committer: asyncio.Task[None] | None = None
 
     def period(self, period_start: int | None, period_end: int | None) -> Period:
         return current_period(self._clock.time(), period_start, period_end)
@@ -102,6 +106,30 @@ class QuotaEngine:
         except StoreUnavailable:
             # The reservation's deadline refunds it later; usage itself is in the spool.
             log.warning("quota_settle_failed", tenant=res.tenant_id, commit=commit)
+
+    def commit_later(self, res: Reservation) -> None:
+        """Queue a commit: it only releases the reservation record (the units were counted
+        at reserve time), so it leaves the request path and goes out in batches. If the
+        process dies first, the reservation deadline refunds those units: the tenant's
+        quota may gain a few calls, billing loses nothing (usage is in the spool)."""
+        self._commits.append(res)
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.get_running_loop().create_task(
+                self._commit_queued(), name="quota-commits"
+            )
+
+    async def _commit_queued(self) -> None:
+        while self._commits:
+            batch, self._commits = self._commits[:COMMIT_BATCH], self._commits[COMMIT_BATCH:]
+            try:
+                await self._guard.run(lambda: self._storage.commit_many(batch))  # noqa: B023
+            except StoreUnavailable:
+                log.warning("quota_commit_failed", reservations=len(batch))
+
+    async def flush(self) -> None:
+        """Wait until every queued commit has been sent (shutdown, tests)."""
+        while self._committer is not None and not self._committer.done():
+            await asyncio.shield(self._committer)
 
     async def used(self, tenant_id: str, period: Period) -> int:
         return await self._guard.run(lambda: self._storage.used(tenant_id, period.start))

@@ -92,6 +92,28 @@ class QuotaStorage:
         )
         return bool(held)
 
+    async def commit_many(self, reservations: list[Reservation]) -> None:
+        """Commit several reservations in one round trip (a pipeline of settle scripts)."""
+        async with self._r.pipeline(transaction=False) as pipe:
+            for res in reservations:
+                t = res.tenant_id
+                await self._settle(
+                    keys=[
+                        self._k.used(t, res.period_start),
+                        self._k.reservations(t),
+                        self._k.reaped(t),
+                    ],
+                    args=[
+                        res.reservation_id,
+                        res.cost,
+                        "commit",
+                        res.counter_ttl_ms,
+                        res.period_start,
+                    ],
+                    client=pipe,
+                )
+            await pipe.execute()
+
     async def used(self, tenant_id: str, period_start: int) -> int:
         value = await self._r.get(self._k.used(tenant_id, period_start))
         return int(value or 0)

@@ -672,3 +672,25 @@ async def test_unreachable_store_fail_closed_is_unavailable() -> None:
         assert guard.state is BreakerState.OPEN
     finally:
         await client.aclose()
+
+
+# 11. Batched commits ---------------------------------------------------------------------
+
+
+async def test_batched_commits_release_reservations_without_recounting(rig: Rig) -> None:
+    plan = make_plan(included=10)
+    period = rig.engine.period(None, None)
+    held = []
+    for n in (1, 2, 3):
+        d, r = await reserve(rig.engine, plan, period)
+        held.append(assert_allowed(d, r, used=n, limit=10))
+    for res in held:
+        rig.engine.commit_later(res)
+    assert await rig.storage.held(TENANT) <= 3  # queued, maybe not sent yet
+    await rig.engine.flush()
+    assert await rig.storage.held(TENANT) == 0
+    assert await rig.storage.used(TENANT, period.start) == 3
+    # A commit queued again (e.g. a retried settle) changes nothing.
+    rig.engine.commit_later(held[0])
+    await rig.engine.flush()
+    assert await rig.storage.used(TENANT, period.start) == 3

@@ -56,6 +56,8 @@ async def test_exactly_the_limit_succeeds_across_three_replicas(
         engine = proxies[0].components.engine
         period = engine.period(None, None)
         assert await engine.used("acme", period) == 5
+        for p in proxies:
+            await p.components.engine.flush()  # commits are batched off the request path
         assert await proxies[0].components.storage.held("acme") == 0
         assert sum(len(p.sink.events) for p in proxies) == 5
         assert len(upstream.calls()) == 5  # refused calls never reached the upstream
@@ -81,6 +83,7 @@ async def test_upstream_rpc_error_consumes_nothing(
         assert b'"isError": false' in body or b'"isError":false' in body
         engine = proxy.components.engine
         assert await engine.used("acme", engine.period(None, None)) == 1
+        await proxy.components.engine.flush()  # commits are batched off the request path
         assert await proxy.components.storage.held("acme") == 0
         assert [(e.tool, e.units) for e in proxy.sink.events] == [("sse_ok", 1)]
 

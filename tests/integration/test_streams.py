@@ -54,6 +54,7 @@ async def test_result_on_resumed_get_stream_is_settled_there(
             ("sse_resume", "7", session)
         ]
         assert await _used(proxy, "acme") == 1
+        await proxy.components.engine.flush()  # commits are batched off the request path
         assert await proxy.components.storage.held("acme") == 0
 
 
@@ -100,6 +101,7 @@ async def test_client_disconnect_cancels_upstream_and_refunds(
             await asyncio.sleep(0.01)
         assert upstream.cancelled == ["9"]
         assert await _used(proxy, "acme") == 0
+        await proxy.components.engine.flush()  # commits are batched off the request path
         assert await proxy.components.storage.held("acme") == 0
         assert proxy.sink.events == []
 
