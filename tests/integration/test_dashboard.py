@@ -189,10 +189,9 @@ def _promql_problems(expr: str) -> Iterator[str]:
     for ch in text:
         if ch in "([{":
             stack.append(ch)
-        elif ch in pairs:
-            if not stack or stack.pop() != pairs[ch]:
-                yield f"unbalanced {ch!r}"
-                return
+        elif ch in pairs and (not stack or stack.pop() != pairs[ch]):
+            yield f"unbalanced {ch!r}"
+            return
     if stack:
         yield f"unclosed {''.join(stack)!r}"
         return
@@ -200,8 +199,7 @@ def _promql_problems(expr: str) -> Iterator[str]:
     for name in re.findall(r"([A-Za-z_][A-Za-z0-9_:]*)\s*\(", text):
         if name not in known:
             yield f"unknown function {name!r}"
-    for inner in re.findall(r"\[([^\]]*)\]", text):
-        inner = inner.strip()
+    for inner in (r.strip() for r in re.findall(r"\[([^\]]*)\]", text)):
         if not (RANGE_RE.fullmatch(inner) or SUBQUERY_RE.fullmatch(inner)):
             yield f"bad range [{inner}]"
     for call_at in (m.end() for m in re.finditer(r"\bhistogram_quantile\(", text)):
@@ -452,14 +450,13 @@ async def test_dashboard_labels_exist_on_the_metrics_they_group(scrape: Scrape) 
         if not names:
             continue  # reported by the metric test
         have = set().union(*(scrape.labels[n] for n in names)) | TARGET_LABELS
-        used = set(MATCHER_RE.findall(" ".join(re.findall(r"\{([^}]*)\}", q.expr))))
+        used = set(MATCHER_RE.findall(" ".join(re.findall(r"\{([^}]*)\}", text))))
         grouped = {s.strip() for g in GROUPING_RE.findall(text) for s in g.split(",") if s.strip()}
         for label in sorted((used | grouped) - have):
             problems.append(f"{q.where}: label {label!r} is not on {sorted(names)}")
         # A legend can only name labels that survive the aggregation.
-        shown = grouped or (
-            have if not re.search(r"\b(?:sum|max|min|avg|count)\s*\(", text) else set()
-        )
+        aggregated = re.search(r"\b(?:sum|max|min|avg|count)\s*\(", text) is not None
+        shown = grouped or (set() if aggregated else have)
         for label in sorted(set(re.findall(r"\{\{\s*(\w+)\s*\}\}", q.legend)) - shown):
             problems.append(f"{q.where}: legend {{{{{label}}}}} is aggregated away")
     assert not problems, "\n".join(problems)
