@@ -527,7 +527,14 @@ def request_id_of(headers: Mapping[str, str]) -> str:
         return str(incoming)
     parent = headers.get("traceparent", "")
     parts = parent.split("-")
-    if len(parts) == 4 and len(parts[1]) == 32 and all(c in "0123456789abcdef" for c in parts[1]):
+    if (
+        len(parts) == 4
+        and parts[0] != "ff"  # W3C trace context: version ff and all-zero ids are invalid
+        and len(parts[1]) == 32
+        and all(c in "0123456789abcdef" for c in parts[1])
+        and parts[1] != "0" * 32
+        and parts[2] != "0" * 16
+    ):
         return str(parts[1])
     return uuid.uuid4().hex
 

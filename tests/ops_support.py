@@ -14,9 +14,9 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import aiohttp
 import pytest
@@ -117,6 +117,16 @@ async def until(
         await asyncio.sleep(interval)
 
 
+async def poll(predicate: Callable[[], bool], limit: float, interval: float = 0.02) -> bool:
+    """Like `until`, but says whether it happened instead of failing."""
+    deadline = time.monotonic() + limit
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(interval)
+    return True
+
+
 async def get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, Any]]:
     async with http.get(url) as r:
         return r.status, await r.json()
@@ -198,13 +208,13 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 class ServeStack:
     """Everything a `serve` process needs: config file, environment, a tenant and its key."""
 
-    env: dict[str, str]
+    env: dict[str, str] = field(repr=False)  # the whole environment: keep it out of reports
     port: int
     spool: Path
     tenant: str
     customer: str
-    key: str
-    stripe_key: str
+    key: str = field(repr=False)
+    stripe_key: str = field(repr=False)
 
     @property
     def base(self) -> str:
@@ -303,10 +313,14 @@ class ServeProcess:
         return await asyncio.wait_for(self.proc.wait(), limit)
 
 
+def _open_for_child(path: Path) -> BinaryIO:
+    return path.open("wb")
+
+
 @asynccontextmanager
 async def serving(stack: ServeStack, *, stderr: Path | None = None) -> AsyncIterator[ServeProcess]:
     """`python -m proxy serve` in its own process group; the group is killed on exit."""
-    err = open(stderr, "wb") if stderr is not None else None  # noqa: SIM115 (closed below)
+    err = _open_for_child(stderr) if stderr is not None else None
     try:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -329,3 +343,34 @@ async def serving(stack: ServeStack, *, stderr: Path | None = None) -> AsyncIter
         serve.kill_group()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(proc.wait(), 10)
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    if not path.exists():
+        pytest.skip("needs /proc/PID/task/PID/children (Linux)")
+    return [int(p) for p in path.read_text().split()]
+
+
+def _signal_mask(pid: int, name: str) -> int:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith(f"{name}:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def catches(pid: int, sig: int) -> bool:
+    """Whether the process has a handler installed for `sig`."""
+    return bool(_signal_mask(pid, "SigCgt") >> (sig - 1) & 1)
+
+
+def pending(pid: int, sig: int) -> bool:
+    """Whether `sig` was sent to the process and not delivered yet (it is stopped)."""
+    return any(_signal_mask(pid, f) >> (sig - 1) & 1 for f in ("SigPnd", "ShdPnd"))

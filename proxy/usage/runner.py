@@ -63,11 +63,13 @@ async def drain(config: Config, *, once: bool) -> CycleReport | None:
 
 async def supervise(config_path: str | None, stop: asyncio.Event) -> None:
     """Keep a `drain` child process running until `stop`; restart it with backoff if it dies.
-    On stop it gets SIGTERM and CHILD_GRACE_S for a final attempt."""
+    On stop the child gets SIGTERM and CHILD_GRACE_S for its final attempt; if it did not
+    make one (it was still starting, or had died), a `drain --once` makes it instead."""
     argv = [sys.executable, "-m", "proxy", "drain"]
     if config_path:
         argv += ["--config", config_path]
     failures = 0
+    finished_cleanly = False
     while not stop.is_set():
         proc = await asyncio.create_subprocess_exec(*argv)
         waiter = asyncio.ensure_future(proc.wait())
@@ -77,16 +79,25 @@ async def supervise(config_path: str | None, stop: asyncio.Event) -> None:
         if stop.is_set():
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
-                try:
-                    async with asyncio.timeout(CHILD_GRACE_S):
-                        await waiter
-                except TimeoutError:
-                    proc.kill()
-                    await waiter
-            return
+            finished_cleanly = await _wait(proc, CHILD_GRACE_S) == 0
+            break
         failures += 1
         delay = backoff(failures, random.random, base=1.0, cap=60.0)
         log.error("drainer_exited", returncode=proc.returncode, restart_in_s=round(delay, 2))
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay):
                 await stop.wait()
+    if not finished_cleanly:
+        log.info("drainer_final_attempt")
+        once = await asyncio.create_subprocess_exec(*argv, "--once")
+        await _wait(once, CHILD_GRACE_S)
+
+
+async def _wait(proc: asyncio.subprocess.Process, limit: float) -> int:
+    """The exit code, killing the process if it outlives `limit`."""
+    try:
+        async with asyncio.timeout(limit):
+            return await proc.wait()
+    except TimeoutError:
+        proc.kill()
+        return await proc.wait()

@@ -5,7 +5,9 @@ during a streaming call, and JSON logs without secrets that carry request ids.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -22,11 +24,15 @@ from tests.fakes.upstream import ScriptedUpstream
 from tests.ops_support import (
     AppServer,
     assert_promtool_accepts,
+    catches,
+    children,
     drainer_for,
     family_names,
     get_json,
     label_values,
     make_serve_stack,
+    pending,
+    poll,
     promtool,
     sample,
     scrape,
@@ -83,10 +89,10 @@ async def test_metrics_scrape_passes_promtool_and_moves_with_traffic(
             return _post(http, proxy.url, body, headers)
 
         init = {"jsonrpc": "2.0", "id": "i", "method": "initialize", "params": {}}
-        assert (await post(init, bearer(key)))[0] == 200
-        assert (await post({"jsonrpc": "2.0", "id": "l", "method": "tools/list"}, bearer(key)))[
-            0
-        ] == 200
+        listing = {"jsonrpc": "2.0", "id": "l", "method": "tools/list"}
+        for body in (init, listing):
+            status, raw = await post(body, bearer(key))
+            assert status == 200, raw
         for i, tool in enumerate(["add", "add", "rpc_error", "sse_ok", "add", "add"]):
             status, raw = await post(call(i, tool), bearer(key))
             assert status == 200, raw
@@ -188,6 +194,7 @@ async def test_drainer_metrics_reach_the_proxy_scrape(
             fake.set_down(True)
             failed = await drainer.cycle()
             assert failed.retries >= 1 and failed.sent == 0, failed
+            assert failed.errors == {"connection": failed.retries}, failed
             clock.advance(3)
             text = await scrape(http, app.base)
             assert scraped(text, "mqp_drain_consecutive_failures") == 1
@@ -451,6 +458,7 @@ async def test_sigterm_lets_a_streaming_call_finish_then_bills_it(
                 while b"notifications/progress" not in seen:
                     seen += await resp.content.readany()
 
+            signalled = time.monotonic()
             serve.proc.send_signal(signal.SIGTERM)
 
             async def not_ready() -> bool:
@@ -461,16 +469,27 @@ async def test_sigterm_lets_a_streaming_call_finish_then_bills_it(
                 return False
 
             await until(not_ready, 1.4, "/readyz to turn 503 within the readiness delay")
+            answers: list[int] = []
 
             async def listener_closed() -> bool:
                 try:
-                    async with probe.get(f"{stack.base}/healthz"):
+                    async with probe.get(f"{stack.base}/readyz") as r:
+                        answers.append(r.status)
                         return False
                 except aiohttp.ClientConnectionError:
                     return True
 
             await until(listener_closed, 10, "serve to stop listening")
-            # The listener is gone; the call is still open and the tool still running.
+            # Not ready for the whole readiness delay (1.5 s) before the listener closed.
+            assert time.monotonic() - signalled >= 1.2
+            assert answers and set(answers) == {503}, answers
+            # The listener is gone; the call stays open (the grace is 20 s, not a moment).
+            try:
+                async with asyncio.timeout(2.0):
+                    chunk = await resp.content.readany()
+                pytest.fail(f"the stream ended during the shutdown grace: {chunk!r}")
+            except TimeoutError:
+                pass
             assert serve.proc.returncode is None
             assert not resp.content.at_eof()
             assert upstream.cancelled == []
@@ -491,6 +510,48 @@ async def test_sigterm_lets_a_streaming_call_finish_then_bills_it(
             assert await asyncio.wait_for(serve.proc.wait(), 40) == 0
         assert stack.billable_units() == 1
         assert stack.unreported() == 0
+        assert fake.total(customer, METER) == 1
+
+
+@pytest.mark.redis
+async def test_sigterm_while_the_drainer_child_starts_still_makes_the_final_attempt(
+    tmp_path: Path, redis_url: str, key_prefix: str, scripted: tuple[ScriptedUpstream, str]
+) -> None:
+    async with run_stripe_fake() as fake:
+        fake.add_meter(METER)
+        customer = fake.add_customer(name="acme")["id"]
+        stack = await make_serve_stack(
+            tmp_path,
+            redis_url=redis_url,
+            key_prefix=key_prefix,
+            upstream_url=scripted[1],
+            stripe_url=fake.url,
+            stripe_key=STRIPE_KEY,
+            customer=customer,
+            meter=METER,
+            ops={"readiness_delay_s": 0, "shutdown_grace_s": 5},
+            drain={"interval_s": 30},
+            log_level="warning",
+        )
+        async with serving(stack) as serve, aiohttp.ClientSession() as http:
+            await serve.wait_healthy(http)
+            await until(lambda: bool(children(serve.proc.pid)), 10, "the drainer child")
+            (child,) = children(serve.proc.pid)
+            # Freeze the child mid-start-up: what a slow start (imports) looks like to serve.
+            os.kill(child, signal.SIGSTOP)
+            try:
+                if catches(child, signal.SIGTERM):
+                    pytest.skip("the drainer child was ready before the test could freeze it")
+                await _tool(http, stack, stack.key, 1, "add")
+                assert stack.billable_units() == 1
+                serve.proc.send_signal(signal.SIGTERM)
+                # Bounded: a serve that waits for its child's readiness never sends it.
+                await poll(lambda: pending(child, signal.SIGTERM), 5)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGCONT)
+            assert await asyncio.wait_for(serve.proc.wait(), 40) == 0
+        assert stack.unreported() == 0, "serve exited with usage still in the spool"
         assert fake.total(customer, METER) == 1
 
 
@@ -573,3 +634,24 @@ async def test_logs_are_json_without_secrets_and_carry_request_ids(
     assert "abc-123" in seen_ids
     assert TRACE_ID in seen_ids
     assert len(seen_ids) == 4 and all(seen_ids), seen_ids  # every forwarded call carries one
+
+
+async def test_an_invalid_all_zero_traceparent_is_not_a_request_id(
+    make_config: ConfigFactory, scripted: tuple[ScriptedUpstream, str]
+) -> None:
+    upstream, url = scripted
+    zero = f"00-{'0' * 32}-00f067aa0ba902b7-01"
+    async with (
+        run_proxy(make_config(upstream={"url": url})) as proxy,
+        aiohttp.ClientSession() as http,
+    ):
+        key = await proxy.tenant_with_key("acme")
+        for i in range(2):
+            status, _ = await _post(
+                http, proxy.url, call(i, "add"), {**bearer(key), "traceparent": zero}
+            )
+            assert status == 200
+    ids = [{k.lower(): v for k, v in r.headers.items()}["x-request-id"] for r in upstream.calls()]
+    assert len(ids) == 2
+    assert "0" * 32 not in ids
+    assert ids[0] != ids[1]
