@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.benchmarks.bare_forwarder")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--upstream", required=True, help="full URL, e.g. http://127.0.0.1:8081/mcp")
+    parser.add_argument(
+        "--upstream", required=True, help="full URL, e.g. http://127.0.0.1:8081/mcp"
+    )
     parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto")
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):

@@ -177,6 +177,20 @@ def machine(tools: dict[str, str]) -> dict[str, str]:
     }
 
 
+def code_version() -> str:
+    """The commit under test and which proxy/ files differ from it (others edit concurrently)."""
+
+    def git(*argv: str) -> str:
+        done = subprocess.run(
+            ["git", *argv], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
+        )
+        return done.stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "?"
+    dirty = [line[3:] for line in git("status", "--porcelain", "--", "proxy").splitlines()]
+    return f"{head}" + (f" + uncommitted changes in {', '.join(dirty)}" if dirty else " (clean)")
+
+
 def _os_name() -> str:
     with contextlib.suppress(OSError), open("/etc/os-release", encoding="utf-8") as f:
         for line in f:
@@ -312,7 +326,9 @@ class Harness:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if child.proc.poll() is not None:
-                raise RuntimeError(f"{child.name} exited ({child.proc.returncode}):\n{child.tail()}")
+                raise RuntimeError(
+                    f"{child.name} exited ({child.proc.returncode}):\n{child.tail()}"
+                )
             if port_open(port):
                 return
             time.sleep(0.05)
@@ -368,18 +384,18 @@ class Stack:
     proxy_env: dict[str, str]
 
 
-def http_post(url: str, body: str, headers: dict[str, str], timeout: float = 5.0) -> tuple[int, str]:
+def http_post(
+    url: str, body: str, headers: dict[str, str], timeout: float = 5.0
+) -> tuple[int, str]:
     req = urllib.request.Request(url, data=body.encode(), headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (127.0.0.1)
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode(errors="replace")
 
 
-def proxy_config(
-    path: Path, port: int, upstream_port: int, redis_url: str, spool: Path
-) -> Path:
+def proxy_config(path: Path, port: int, upstream_port: int, redis_url: str, spool: Path) -> Path:
     doc = {
         "listen": {"host": "127.0.0.1", "port": port},
         "upstream": {"url": f"http://127.0.0.1:{upstream_port}", "mcp_paths": ["/mcp"]},
@@ -408,7 +424,9 @@ def start_proxy(h: Harness, stack_env: dict[str, str], name: str, upstream_port:
         stack_env["REDIS_URL"],
         h.tmp / name / "usage.db",
     )
-    child = h.spawn(name, [sys.executable, "-m", "proxy", "serve", "--config", str(conf)], SUT_CPU, stack_env)
+    child = h.spawn(
+        name, [sys.executable, "-m", "proxy", "serve", "--config", str(conf)], SUT_CPU, stack_env
+    )
     h.wait_port(child, port)
     return Target(name, f"http://127.0.0.1:{port}/mcp", name, "")
 
@@ -430,7 +448,9 @@ def start_stack(h: Harness, tools: dict[str, str], with_sdk: bool) -> Stack:
         LOAD_CPU,
     )  # fmt: skip
     upstream = h.spawn(
-        "upstream", [py, "-m", "tests.benchmarks.minimal_upstream", "--port", str(up_port)], LOAD_CPU
+        "upstream",
+        [py, "-m", "tests.benchmarks.minimal_upstream", "--port", str(up_port)],
+        LOAD_CPU,
     )
     if with_sdk:
         h.spawn(
@@ -497,7 +517,11 @@ def start_stack(h: Harness, tools: dict[str, str], with_sdk: bool) -> Stack:
         h.wait_port(h.children["sdk-upstream"], sdk_port, timeout=60)
         sdk_proxy = start_proxy(h, env, "proxy-sdk", sdk_port)
         targets["sdk-direct"] = Target(
-            "sdk-direct", f"http://127.0.0.1:{sdk_port}/mcp", "sdk-upstream", "sdk-upstream", SDK_ENV
+            "sdk-direct",
+            f"http://127.0.0.1:{sdk_port}/mcp",
+            "sdk-upstream",
+            "sdk-upstream",
+            SDK_ENV,
         )
         targets["sdk-proxy"] = Target(
             "sdk-proxy", sdk_proxy.url, "proxy-sdk", "sdk-upstream", SDK_ENV
@@ -546,6 +570,7 @@ class Run:
     steal_cores: float
     sut_core_busy: float  # CPU1 busy fraction (all processes)
     attempts: int = 1
+    cpu_s: dict[str, float] = field(default_factory=dict)  # every started process tree
 
     @property
     def sut_us(self) -> float:
@@ -643,6 +668,7 @@ class Bench:
             foreign_cores=max(0.0, busy_s - ours) / elapsed,
             steal_cores=(steal(b.stat["cpu"]) - steal(a.stat["cpu"])) / CLK_TCK / elapsed,
             sut_core_busy=(busy(b.stat[cpu1]) - busy(a.stat[cpu1])) / CLK_TCK / elapsed,
+            cpu_s={name: t / CLK_TCK for name, t in ticks.items()} | {"wrk+script": b.own - a.own},
         )
 
     def measure(self, target: Target, c: int, rnd: int) -> Run:
@@ -771,7 +797,7 @@ async def hold_streams(
 
 def open_streams_metric(base: str) -> float | None:
     try:
-        with urllib.request.urlopen(base + "/metrics", timeout=5) as resp:  # noqa: S310
+        with urllib.request.urlopen(base + "/metrics", timeout=5) as resp:
             text = resp.read().decode()
     except OSError:
         return None
@@ -816,10 +842,26 @@ def measure_rss(h: Harness, stack: Stack, tenants: int, streams: int) -> dict[st
 
 
 FRAME_RE = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
-SCAFFOLD = {"<module>", "_run_module_as_main", "_run_code", "main", "run", "run_forever"}
+# Frames that sit under every sample of their thread: the process and thread entry points and
+# the event loop's run call (uvloop's own C work is attributed to Runner.run's self time).
+SCAFFOLD = {
+    "<module>",
+    "_run_module_as_main",
+    "_run_code",
+    "main",
+    "cmd_serve",
+    "_run",
+    "run",
+    "Runner.run",
+    "run_forever",
+    "Thread._bootstrap",
+    "Thread._bootstrap_inner",
+    "Thread.run",
+}
 
 
 def frame_key(frame: str) -> str:
+    """``module:function`` of a py-spy frame ``function (path/to/module.py:line)``."""
     match = FRAME_RE.match(frame)
     if not match:
         return frame
@@ -833,8 +875,19 @@ def frame_key(frame: str) -> str:
     return f"{path.strip('/').replace('/', '.')}:{match.group('func')}"
 
 
+def thread_label(keys: list[str]) -> str:
+    if any(k.startswith("aiosqlite.") for k in keys):
+        return "aiosqlite worker"
+    if any(k.endswith(":Runner.run") or k.endswith(":run_forever") for k in keys):
+        return "event loop"
+    return "other"
+
+
 def summarise_profile(raw: Path, top: int = 10) -> dict[str, Any]:
-    """Self and total sample shares per module:function from py-spy's raw (collapsed) output."""
+    """Self and total sample shares per module:function from py-spy's raw (collapsed) output.
+
+    Shares are of all samples of all non-idle threads (py-spy's default sampling: a thread that
+    waits for the GIL counts as active)."""
     self_c: Counter[str] = Counter()
     total_c: Counter[str] = Counter()
     threads: Counter[str] = Counter()
@@ -844,32 +897,36 @@ def summarise_profile(raw: Path, top: int = 10) -> dict[str, Any]:
         if not stack or not count_s.isdigit():
             continue
         count = int(count_s)
-        frames = [f for f in stack.split(";") if f]
-        if frames and frames[0].startswith("process "):
-            frames = frames[1:]
-        thread = "main"
-        if frames and frames[0].startswith("thread "):
-            thread = frames[0]
-            frames = frames[1:]
+        frames = [f for f in stack.split(";") if f and not f.startswith(("process ", "thread ("))]
         if not frames:
             continue
-        samples += count
-        threads[thread] += count
         keys = [frame_key(f) for f in frames]
+        samples += count
+        threads[thread_label(keys)] += count
         self_c[keys[-1]] += count
         for k in set(keys):
-            total_c[k] += count
-    total_list = [
-        (k, v) for k, v in total_c.most_common() if k.split(":", 1)[-1] not in SCAFFOLD
-    ]
-    # Frames under nearly every sample are the event loop itself, not a cost to optimise.
-    hot_total = [(k, v) for k, v in total_list if v < 0.9 * samples][:top]
+            if k.rsplit(":", 1)[-1] not in SCAFFOLD:
+                total_c[k] += count
+    packages: Counter[str] = Counter()
+    for k, v in self_c.items():
+        packages[k.split(".", 1)[0].split(":", 1)[0]] += v
     return {
         "samples": samples,
-        "threads": dict(threads),
+        "threads": {k: f"{v / samples:.1%}" for k, v in threads.most_common()} if samples else {},
+        "packages": [(k, v / samples) for k, v in packages.most_common(12)],
         "self": [(k, v / samples) for k, v in self_c.most_common(top)],
-        "total": [(k, v / samples) for k, v in hot_total],
+        "total": [(k, v / samples) for k, v in total_c.most_common(top)],
     }
+
+
+def thread_ticks(pid: int) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/stat") as f:
+            data = f.read()
+            fields = data[data.rindex(")") + 2 :].split()
+            out[int(tid)] = int(fields[11]) + int(fields[12])
+    return out
 
 
 def profile(h: Harness, bench: Bench, out: Path, seconds: int) -> dict[str, Any]:
@@ -887,17 +944,27 @@ def profile(h: Harness, bench: Bench, out: Path, seconds: int) -> dict[str, Any]
     h.transient.append(load)
     try:
         time.sleep(2.0)
+        before, t0 = thread_ticks(pid), time.monotonic()
         spy = subprocess.run(
             ["taskset", "-c", LOAD_CPU, pyspy, "record", "-o", str(out), "--format", "raw",
-             "-d", str(seconds), "-r", "100", "-p", str(pid)],
+             "-d", str(seconds), "-r", "100", "--threads", "-p", str(pid)],
             capture_output=True, text=True, timeout=seconds + 60, check=False,
         )  # fmt: skip
+        after, elapsed = thread_ticks(pid), time.monotonic() - t0
         wrk_out, _ = load.communicate(timeout=seconds + 60)
     finally:
         h.transient.remove(load)
     if spy.returncode != 0 or not out.exists():
         raise RuntimeError(f"py-spy failed ({spy.returncode}): {spy.stdout}{spy.stderr}")
     summary = summarise_profile(out)
+    # On-CPU time per thread over the sampling window (py-spy's "active" includes GIL waits).
+    summary["thread_cpu"] = {
+        ("main (event loop)" if tid == pid else f"thread {tid}"): round(
+            (after.get(tid, 0) - before.get(tid, 0)) / CLK_TCK / elapsed, 3
+        )
+        for tid in after
+        if after.get(tid, 0) - before.get(tid, 0) > 0
+    }
     result = RESULT_RE.search(wrk_out)
     summary["load"] = result.group(0) if result else wrk_out
     summary["raw"] = str(out)
@@ -913,7 +980,7 @@ def med(values: Iterable[float]) -> float:
 
 
 def fmt(value: float, digits: int = 2) -> str:
-    return "–" if math.isnan(value) else f"{value:.{digits}f}"
+    return "-" if math.isnan(value) else f"{value:.{digits}f}"
 
 
 def per_round(
@@ -934,10 +1001,12 @@ def report(
     w(f"## Proxy overhead ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)\n")
     w(f"Command: `python -m {MODULE} {shlex.join(args.argv)}`".rstrip())
     w("")
-    w("Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()))
+    w("Machine: " + "; ".join(f"{k} {v}" for k, v in info.items() if k != "code"))
+    w("")
+    w(f"Code: {info.get('code', '?')}")
     w("")
     w(
-        f"Rounds {args.rounds} × {args.duration} s per run (warm-up {args.warmup} s), "
+        f"Rounds {args.rounds} x {args.duration} s per run (warm-up {args.warmup} s), "
         f"c = {', '.join(map(str, args.concurrency))}; medians over rounds; ratios within "
         f"a round, then the median. SUT on CPU{SUT_CPU}; wrk, upstreams, redis on CPU{LOAD_CPU}."
     )
@@ -954,21 +1023,32 @@ def report(
             if not rs:
                 continue
             ratios = []
-            for ref in ("direct", "nginx", "bare"):
-                if name.startswith("sdk"):
-                    ref = "sdk-direct" if ref == "direct" else ""
+            refs = ("sdk-direct", "", "") if name.startswith("sdk") else ("direct", "nginx", "bare")
+            for ref in refs:
                 vals = per_round(runs, name, ref, c, lambda x, y: x.rps / y.rps) if ref else []
-                ratios.append(fmt(med(vals)) if vals else "–")
-            w(
-                f"| {LABELS[name]} | {med(r.rps for r in rs):.0f} | {fmt(med(r.p50_ms for r in rs))} "
-                f"| {fmt(med(r.p99_ms for r in rs))} | {' | '.join(ratios)} "
-                f"| {fmt(med(r.sut_us for r in rs), 0)} "
-                f"| {fmt(med(r.upstream_us for r in rs), 0) if name not in ('direct', 'sdk-direct') else '–'} "
-                f"| {fmt(med(r.sut_core_busy for r in rs))} "
-                f"| {max(r.foreign_cores for r in rs):.2f} | {len(rs)}"
-                + (f" ({sum(r.attempts for r in rs)} attempts)" if any(r.attempts > 1 for r in rs) else "")
-                + " |"
-            )  # fmt: skip
+                ratios.append(fmt(med(vals)) if vals else "-")
+            direct = name in ("direct", "sdk-direct")
+            upstream_us = "-" if direct else fmt(med(r.upstream_us for r in rs), 0)
+            attempts = sum(r.attempts for r in rs)
+            count = f"{len(rs)}"
+            if attempts > len(rs):
+                count += f", {attempts} attempts"
+            flagged = sum(r.foreign_cores > args.foreign_limit for r in rs)
+            if flagged:
+                count += f", {flagged} above {args.foreign_limit}"
+            cells = [
+                LABELS[name],
+                f"{med(r.rps for r in rs):.0f}",
+                fmt(med(r.p50_ms for r in rs)),
+                fmt(med(r.p99_ms for r in rs)),
+                *ratios,
+                fmt(med(r.sut_us for r in rs), 0),
+                upstream_us,
+                fmt(med(r.sut_core_busy for r in rs)),
+                f"{max(r.foreign_cores for r in rs):.2f}",
+                count,
+            ]
+            w("| " + " | ".join(cells) + " |")
         w("")
     w("### Targets\n")
     c16 = 16 if 16 in args.concurrency else args.concurrency[-1]
@@ -977,8 +1057,8 @@ def report(
     bare_us = med(r.sut_us for r in runs if r.target == "bare" and r.concurrency == c16)
     ok1 = med(cpu_ratio) <= 1.25
     w(
-        f"1. Full-path CPU ≤ 1.25 × bare forwarder at c={c16}: proxy {fmt(proxy_us, 0)} µs/req, "
-        f"bare {fmt(bare_us, 0)} µs/req → **{fmt(med(cpu_ratio))}×** (per round: "
+        f"1. Full-path CPU ≤ 1.25 x bare forwarder at c={c16}: proxy {fmt(proxy_us, 0)} µs/req, "
+        f"bare {fmt(bare_us, 0)} µs/req → **{fmt(med(cpu_ratio))}x** (per round: "
         f"{', '.join(fmt(v) for v in cpu_ratio)}) — **{'holds' if ok1 else 'does not hold'}**"
     )
     c1 = 1 if 1 in args.concurrency else args.concurrency[0]
@@ -1021,7 +1101,10 @@ def report(
         w("| state | VmRSS MiB |")
         w("|---|---|")
         w(f"| idle, after one call | {rss['idle_kb'] / 1024:.1f} |")
-        w(f"| after one call from each of {rss['tenants']:,} tenants | {rss['tenants_kb'] / 1024:.1f} |")
+        w(
+            f"| after one call from each of {rss['tenants']:,} tenants "
+            f"| {rss['tenants_kb'] / 1024:.1f} |"
+        )
         w(
             f"| + {rss['streams']} open SSE streams (mqp_open_streams = "
             f"{rss['open_streams_metric']}, {rss['fds']} fds) | {rss['streams_kb'] / 1024:.1f} |"
@@ -1041,7 +1124,12 @@ def report(
     if "profile" in extra:
         p = extra["profile"]
         w(f"### py-spy profile of the proxy at c=16 ({p['samples']} samples; {p['load']})\n")
-        w(f"Threads: {p['threads']}\n")
+        threads = ", ".join(f"{k} {v}" for k, v in p["threads"].items())
+        w(f"Samples by thread: {threads}. Raw stacks: {p['raw']}\n")
+        cpu = ", ".join(f"{k} {v:.2f}" for k, v in p["thread_cpu"].items())
+        w(f"On-CPU cores by thread over the window (/proc/<pid>/task): {cpu}\n")
+        pkgs = ", ".join(f"{k} {v:.1%}" for k, v in p["packages"])
+        w(f"Self time by package: {pkgs}\n")
         w("| # | self | share | total (excl. loop scaffolding) | share |")
         w("|---|---|---|---|---|")
         for i in range(max(len(p["self"]), len(p["total"]))):
@@ -1074,7 +1162,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--foreign-limit", type=float, default=0.15, help="cores")
     parser.add_argument("--max-repeats", type=int, default=2, help="per run")
-    parser.add_argument("--repeat-budget", type=int, default=8, help="repeats per invocation")
+    parser.add_argument("--repeat-budget", type=int, default=6, help="repeats per invocation")
     parser.add_argument("--profile", type=Path, help="py-spy raw output file (c=16 load)")
     parser.add_argument("--profile-seconds", type=int, default=10)
     parser.add_argument("--json", type=Path, help="write every kept run here")
@@ -1089,7 +1177,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     tools = require_tools()
-    info = machine(tools)
+    info = machine(tools) | {"code": code_version()}
     os.sched_setaffinity(0, {int(LOAD_CPU)})  # this script shares CPU0 with the load
     with_sdk = not args.no_sdk
     plan = schedule(args, with_sdk)
