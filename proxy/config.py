@@ -69,6 +69,7 @@ class ProxyConfig:
     upgrade_url: str = ""
     bill_tool_errors: bool = False
     resume_grace_s: float = 300.0
+    body_timeout_s: float = 30.0  # a client must send its whole body within this (slowloris)
     gated_methods: Mapping[str, int] = field(default_factory=lambda: {"tools/call": 1})
 
 
@@ -380,6 +381,7 @@ def parse_config(data: Mapping[str, Any] | None, env: Mapping[str, str]) -> Conf
             "upgrade_url",
             "bill_tool_errors",
             "resume_grace_s",
+            "body_timeout_s",
             "gated_methods",
         },
     )
@@ -395,6 +397,7 @@ def parse_config(data: Mapping[str, Any] | None, env: Mapping[str, str]) -> Conf
         upgrade_url=pr.string("upgrade_url", ""),
         bill_tool_errors=pr.boolean("bill_tool_errors", False),
         resume_grace_s=pr.number("resume_grace_s", 300.0),
+        body_timeout_s=pr.number("body_timeout_s", 30.0, minimum=0.1),
         gated_methods=gated,
     )
 

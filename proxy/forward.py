@@ -139,9 +139,19 @@ class McpProxy:
         gated = GateResult()
         if request.method == "POST":
             try:
-                body = await request.read()
+                async with asyncio.timeout(self._cfg.proxy.body_timeout_s):
+                    body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 return _too_large(self._cfg.proxy.max_body_bytes, cors)
+            except TimeoutError:
+                # A slow sender holds a connection and a buffer: cut it off.
+                return rpc_error_reply(
+                    408,
+                    INVALID_REQUEST,
+                    f"Request body not received within {self._cfg.proxy.body_timeout_s} s "
+                    "(proxy.body_timeout_s).",
+                    headers={"Connection": "close", **cors},
+                )
             try:
                 parsed = parse_body(body)
                 ctx.method = _method_label(parsed)

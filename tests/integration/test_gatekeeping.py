@@ -214,3 +214,28 @@ async def test_oauth_discovery_gets_json_404(proxy: RunningProxy) -> None:
             async with http.get(proxy.base + path) as r:
                 assert r.status == 404
                 assert r.content_type == "application/json"
+
+
+async def test_slow_body_is_cut_off_with_408(
+    scripted: tuple[ScriptedUpstream, str], make_config: ConfigFactory
+) -> None:
+    config = make_config(upstream={"url": scripted[1]}, proxy={"body_timeout_s": 0.3})
+    async with run_proxy(config) as proxy:
+        key = await proxy.tenant_with_key("acme")
+        host, port = proxy.base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        head = (
+            f"POST /mcp HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        )
+        writer.write(head.encode() + b'{"jsonrpc":')  # then nothing more: a slowloris
+        await writer.drain()
+        started = asyncio.get_running_loop().time()
+        async with asyncio.timeout(5):  # a bound on the test, not a sleep
+            status_line = await reader.readline()
+        waited = asyncio.get_running_loop().time() - started
+        writer.close()
+        await writer.wait_closed()
+    assert status_line.startswith(b"HTTP/1.1 408")
+    assert 0.2 < waited < 2.0
+    assert scripted[0].requests == []
