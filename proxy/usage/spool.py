@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import secrets
 from collections.abc import Sequence
@@ -82,6 +83,14 @@ INSERT_EVENT = """
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 MAX_GROUP_COMMIT = 1024
+_COLUMNS = INSERT_EVENT[INSERT_EVENT.index("(") : INSERT_EVENT.index(")") + 1]
+_ROW = "(" + ",".join("?" * INSERT_EVENT.count("?")) + ")"
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_rows(count: int) -> str:
+    """One INSERT of `count` rows: atomic and committed as one statement in autocommit."""
+    return f"INSERT INTO events {_COLUMNS} VALUES " + ",".join([_ROW] * count)
 
 
 class SpoolError(RuntimeError):
@@ -168,7 +177,9 @@ class Spool:
 
     async def open(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = await aiosqlite.connect(self._path)
+        # Autocommit: a group commit is then one multi-row INSERT, one trip to SQLite's
+        # thread; multi-statement work opens its own BEGIN IMMEDIATE.
+        self._db = await aiosqlite.connect(self._path, isolation_level=None)
         await self._db.execute("PRAGMA journal_mode=WAL")
         await self._db.execute(f"PRAGMA synchronous={self._synchronous}")
         # Proxy and drainer are two processes on one file: wait for the other's lock.
@@ -221,11 +232,10 @@ class Spool:
             while len(items) < MAX_GROUP_COMMIT and not self._queue.empty():
                 items.append(self._queue.get_nowait())
             try:
-                await self.db.executemany(INSERT_EVENT, [row for row, _ in items])
-                await self.db.commit()
+                await self.db.execute(
+                    _insert_rows(len(items)), [v for row, _ in items for v in row]
+                )
             except Exception as exc:  # any failure fails every caller of this group
-                with contextlib.suppress(Exception):
-                    await self.db.rollback()
                 for _, done in items:
                     if not done.done():
                         done.set_exception(SpoolError(f"spool write failed: {exc}"))
@@ -384,6 +394,7 @@ class Spool:
     async def record_drain(self, increments: dict[str, float], values: dict[str, float]) -> None:
         """Add to the drainer's counters and set its gauges, in one transaction."""
         db = self.db
+        await db.execute("BEGIN IMMEDIATE")
         for key, delta in increments.items():
             await db.execute(
                 "INSERT INTO drain_state (key, value) VALUES (?, ?) "
