@@ -95,7 +95,7 @@ def build_components(
         timeout=config.redis.timeout_ms / 1000,
         on_failure=metrics.redis_errors.inc,
     )
-    storage = QuotaStorage(stores.main, keys)
+    storage = QuotaStorage(stores.main, keys, stores.quota)
     engine = QuotaEngine(
         storage,
         guard,

@@ -64,6 +64,11 @@ async def run_server(
     false first, in-flight requests and streams get `ops.shutdown_grace_s` to finish, the
     spool is flushed, and the drainer child makes a final attempt."""
     c = components or build_components(config)
+    # Signals first: a SIGTERM during start-up must stop cleanly too.
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     app = create_app(c)
     runner = web.AppRunner(
         app,
@@ -80,10 +85,6 @@ async def run_server(
     log.info(
         "listening", url=url, upstream=config.upstream.url, mcp_paths=config.upstream.mcp_paths
     )
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     drainer_stop = asyncio.Event()
     drainer: asyncio.Task[None] | None = None
     if config.billing.enabled and config.drain.embedded:

@@ -14,6 +14,8 @@ from redis.exceptions import RedisError
 
 from .breaker import BreakerState, CircuitBreaker
 from .config import RedisConfig
+from .quota.pipelined import PipelinedRedis
+from .quota.pipelined import supports as pipelined_supports
 
 T = TypeVar("T")
 
@@ -28,11 +30,14 @@ class StoreClients:
 
     main: Redis
     listener: Redis
+    quota: PipelinedRedis | None = None  # the hot scripts' multiplexed connection
 
     async def close(self) -> None:
         await self.main.aclose()
         if self.listener is not self.main:
             await self.listener.aclose()
+        if self.quota is not None:
+            await self.quota.aclose()
 
 
 def connect(cfg: RedisConfig) -> StoreClients:
@@ -60,7 +65,12 @@ def connect(cfg: RedisConfig) -> StoreClients:
         health_check_interval=5,
         retry=Retry(NoBackoff(), 0),
     )
-    return StoreClients(main=main, listener=listener)
+    quota = (
+        PipelinedRedis(cfg.url, connect_timeout=timeout, stall_s=max(1.0, 4 * timeout))
+        if pipelined_supports(cfg.url)
+        else None
+    )
+    return StoreClients(main=main, listener=listener, quota=quota)
 
 
 class StoreGuard:

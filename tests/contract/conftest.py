@@ -21,6 +21,7 @@ from proxy.clock import Clock, ManualClock
 from proxy.config import Plan, RatePolicy, RedisConfig
 from proxy.keys import KeySpace
 from proxy.quota.engine import QuotaEngine
+from proxy.quota.pipelined import PipelinedRedis
 from proxy.quota.storage import QuotaStorage
 from proxy.store import StoreGuard, connect
 
@@ -57,8 +58,9 @@ def build_engine(
     *,
     fail_open: bool = True,
     reservation_ttl_s: int = 3600,
+    pipelined: PipelinedRedis | None = None,
 ) -> tuple[QuotaEngine, QuotaStorage, StoreGuard]:
-    storage = QuotaStorage(client, KeySpace(prefix))
+    storage = QuotaStorage(client, KeySpace(prefix), pipelined)
     guard = StoreGuard(
         CircuitBreaker(BREAKER_FAILURES, BREAKER_COOLDOWN_S, clock.monotonic),
         timeout=GUARD_TIMEOUT_S,
@@ -81,13 +83,18 @@ class Rig:
     engine: QuotaEngine
     storage: QuotaStorage
     guard: StoreGuard
+    pipelined: PipelinedRedis | None = None
     _extra: list[QuotaEngine] = field(default_factory=list)
 
     def engine_with(
         self, *, reservation_ttl_s: int = 3600, clock: Clock | None = None
     ) -> tuple[QuotaEngine, QuotaStorage]:
         engine, storage, _ = build_engine(
-            self.client, self.prefix, clock or self.clock, reservation_ttl_s=reservation_ttl_s
+            self.client,
+            self.prefix,
+            clock or self.clock,
+            reservation_ttl_s=reservation_ttl_s,
+            pipelined=self.pipelined,
         )
         return engine, storage
 
@@ -122,24 +129,36 @@ def clock() -> ManualClock:
 @pytest.fixture(
     params=[
         pytest.param("redis", marks=pytest.mark.redis),
+        # The same real Redis, the hot scripts on the proxy's own pipelined connection.
+        pytest.param("redis-pipelined", marks=pytest.mark.redis),
         pytest.param("memory"),
     ]
 )
 async def rig(request: pytest.FixtureRequest, clock: ManualClock) -> AsyncIterator[Rig]:
     close: Callable[[], Awaitable[None]]
-    if request.param == "redis":
+    pipelined: PipelinedRedis | None = None
+    if request.param.startswith("redis"):
         redis_url: str = request.getfixturevalue("redis_url")
         prefix: str = request.getfixturevalue("key_prefix")  # its keys are deleted afterwards
         client = Redis.from_url(redis_url, decode_responses=True)
-        close = client.aclose
+        if request.param == "redis-pipelined":
+            pipelined = PipelinedRedis(redis_url, connect_timeout=1.0, stall_s=5.0)
+            fast = pipelined
+
+            async def close() -> None:
+                await fast.aclose()
+                await client.aclose()
+        else:
+            close = client.aclose
     else:
         prefix = f"mqpt{uuid.uuid4().hex[:12]}"
         stores = connect(RedisConfig(url="memory://"))
         client = stores.main
         close = stores.close
-    engine, storage, guard = build_engine(client, prefix, clock)
+    engine, storage, guard = build_engine(client, prefix, clock, pipelined=pipelined)
     try:
         yield Rig(
+            pipelined=pipelined,
             backend=request.param,
             client=client,
             prefix=prefix,

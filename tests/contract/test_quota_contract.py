@@ -541,7 +541,7 @@ async def test_counter_expires_retention_after_the_period_ends(rig: Rig) -> None
     d, r = await reserve(rig.engine, plan, period)
     res = assert_allowed(d, r, used=1, limit=5)
     assert_ttl(await rig.client.pttl(counter))
-    if rig.backend == "redis":
+    if rig.backend.startswith("redis"):
         assert abs(await rig.client.ttl(counter) - expected_ms / 1000) <= 2
     assert await rig.storage.settle(res, commit=True) is True
     # The reservation set lives as long as the counter (it must outlast every deadline it
