@@ -11,7 +11,15 @@ import structlog
 from ..clock import Clock
 from ..config import Plan
 from ..store import StoreGuard, StoreUnavailable
-from .policy import Decision, Outcome, Period, allowed_total, call_cost, current_period
+from .policy import (
+    Decision,
+    Outcome,
+    Period,
+    allowed_total,
+    calendar_month,
+    call_cost,
+    current_period,
+)
 from .storage import ALLOWED, OVER_QUOTA, QuotaStorage, Reservation
 
 log = structlog.get_logger(__name__)
@@ -36,10 +44,17 @@ class QuotaEngine:
         self._fail_open = fail_open
         self._ttl_ms = reservation_ttl_s * 1000
         self._commits: list[Reservation] = []
+        self._month: Period | None = None
         self._committer: asyncio.Task[None] | None = None
 
     def period(self, period_start: int | None, period_end: int | None) -> Period:
-        return current_period(self._clock.time(), period_start, period_end)
+        now = self._clock.time()
+        if period_start is None or period_end is None:
+            month = self._month
+            if month is None or not month.start <= now < month.end:
+                month = self._month = calendar_month(now)  # computed once a month, not per call
+            return month
+        return current_period(now, period_start, period_end)
 
     async def reserve(
         self,
