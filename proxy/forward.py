@@ -4,11 +4,7 @@ settling each gated call from its final response on the way through."""
 from __future__ import annotations
 
 import asyncio
-import re
 import time
-import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -21,6 +17,15 @@ from .billing.plansync import effective_plan
 from .clock import Clock
 from .config import Config
 from .directory import Directory
+from .exchange import (
+    Ctx,
+    filter_tools,
+    method_label,
+    request_id_of,
+    responses,
+    sse_rewrite,
+    status_outcome,
+)
 from .gate import GateResult, gate
 from .headers import downstream_response_headers, origin_allowed, upstream_request_headers
 from .jsonrpc import (
@@ -44,7 +49,7 @@ from .metrics import Metrics
 from .replies import cors_headers, json_reply, preflight, rpc_error_reply, unauthorized
 from .sessions import Sessions
 from .settle import PendingCall, Settler
-from .sse import SSEEvent, SSEParser
+from .sse import SSEParser
 from .store import StoreUnavailable
 from .tasks import TaskSet
 from .tenants import Tenant
@@ -52,7 +57,6 @@ from .usage.spool import SpoolError
 
 log = structlog.get_logger(__name__)
 
-REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_METERED_JSON = 64 * 1024 * 1024
 
 
@@ -82,7 +86,7 @@ class McpProxy:
     # --- the request path -----------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        ctx = _Ctx(started=time.perf_counter(), method=request.method)
+        ctx = Ctx(started=time.perf_counter(), method=request.method)
         self._m.inflight.inc()
         status = 500
         try:
@@ -91,10 +95,10 @@ class McpProxy:
             return resp
         finally:
             self._m.inflight.dec()
-            self._m.requests.labels(ctx.method, ctx.outcome or _status_outcome(status)).inc()
+            self._m.requests.labels(ctx.method, ctx.outcome or status_outcome(status)).inc()
             self._m.request_seconds.labels(ctx.method).observe(time.perf_counter() - ctx.started)
 
-    async def _handle(self, request: web.Request, ctx: _Ctx) -> web.StreamResponse:
+    async def _handle(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
         origin = request.headers.get("Origin")
         if not origin_allowed(origin, self._cfg.proxy.allowed_origins):
             return rpc_error_reply(
@@ -154,7 +158,7 @@ class McpProxy:
                 )
             try:
                 parsed = parse_body(body)
-                ctx.method = _method_label(parsed)
+                ctx.method = method_label(parsed)
                 gated = await gate(
                     parsed,
                     tenant,
@@ -213,7 +217,7 @@ class McpProxy:
         tenant: Tenant,
         gated: GateResult,
         session_id: str | None,
-        ctx: _Ctx,
+        ctx: Ctx,
         cors: dict[str, str],
         *,
         initialize: bool,
@@ -326,7 +330,7 @@ class McpProxy:
         outstanding: dict[RpcId, PendingCall],
         list_ids: set[RpcId],
         hidden: frozenset[str],
-        ctx: _Ctx,
+        ctx: Ctx,
         watch_session: str | None,
     ) -> bool:
         """Forward event by event; a call's result is released only after it is settled.
@@ -338,7 +342,7 @@ class McpProxy:
             for event in parser.feed(chunk):
                 saw_id = saw_id or event.id is not None
                 raw = event.raw
-                for message in _responses(event.data):
+                for message in responses(event.data):
                     rpc_id = message["id"]
                     call = outstanding.pop(rpc_id, None)
                     if call is None and watch_session is not None:
@@ -349,7 +353,7 @@ class McpProxy:
                             out.clear()
                         await self._settle(call, message, ctx)
                     elif rpc_id in list_ids:
-                        raw = _sse_rewrite(event, _filter_tools(message, hidden))
+                        raw = sse_rewrite(event, filter_tools(message, hidden))
                 out.append(raw)
             if out:
                 await resp.write(b"".join(out))
@@ -365,7 +369,7 @@ class McpProxy:
         outstanding: dict[RpcId, PendingCall],
         list_ids: set[RpcId],
         hidden: frozenset[str],
-        ctx: _Ctx,
+        ctx: Ctx,
     ) -> None:
         chunks: list[bytes] = []
         size = 0
@@ -392,13 +396,13 @@ class McpProxy:
             if call is not None:
                 await self._settle(call, message, ctx)
             elif rpc_id in list_ids:
-                messages[i] = _filter_tools(message, hidden)
+                messages[i] = filter_tools(message, hidden)
                 rewritten = True
         if rewritten:
             raw = dumps(messages if isinstance(doc, list) else messages[0])
         await resp.write(raw)
 
-    async def _settle(self, call: PendingCall, message: dict[str, Any], ctx: _Ctx) -> None:
+    async def _settle(self, call: PendingCall, message: dict[str, Any], ctx: Ctx) -> None:
         """Settle to the end even if the client leaves meanwhile: once the upstream has
         answered, the quota commit and the spool row must not be cut in half."""
         task = self._tasks.spawn(self._settler.final(call, message), name="settle")
@@ -414,7 +418,7 @@ class McpProxy:
             self._m.spool_appends.inc()
         self._call_done(ctx, call.tool, call.decision.cost, outcome)
 
-    def _observe_gate(self, ctx: _Ctx, gated: GateResult) -> None:
+    def _observe_gate(self, ctx: Ctx, gated: GateResult) -> None:
         for tool, decision in gated.decisions:
             self._m.quota_decisions.labels(decision.plan, decision.outcome.value).inc()
             if not decision.allowed:
@@ -425,7 +429,7 @@ class McpProxy:
             self._m.quota_decisions.labels("-", "hidden_tool").inc()
             self._call_done(ctx, tool, 0, "hidden_tool")
 
-    def _call_done(self, ctx: _Ctx, tool: str | None, units: int, outcome: str) -> None:
+    def _call_done(self, ctx: Ctx, tool: str | None, units: int, outcome: str) -> None:
         """One metric and one log line per gated call: never a key, a secret or a body."""
         self._m.tool_calls.labels(tool or "-", outcome).inc()
         log.info(
@@ -445,7 +449,7 @@ class McpProxy:
         outstanding.clear()
         await self._refund_calls(calls)
 
-    async def _refund_calls(self, calls: list[PendingCall], ctx: _Ctx | None = None) -> None:
+    async def _refund_calls(self, calls: list[PendingCall], ctx: Ctx | None = None) -> None:
         for call in calls:
             await self._settler.refund(call)
             self._m.tool_calls.labels(call.tool or "-", "abandoned").inc()
@@ -467,86 +471,6 @@ class McpProxy:
 
 
 BILLED_OUTCOMES = frozenset({"ok"})
-KNOWN_METHODS = frozenset(
-    {
-        "initialize",
-        "ping",
-        "server/discover",
-        "tools/list",
-        "tools/call",
-        "resources/list",
-        "resources/read",
-        "resources/templates/list",
-        "resources/subscribe",
-        "resources/unsubscribe",
-        "prompts/list",
-        "prompts/get",
-        "completion/complete",
-        "logging/setLevel",
-        "subscriptions/listen",
-        "tasks/get",
-        "tasks/result",
-        "tasks/list",
-        "tasks/cancel",
-    }
-)
-
-
-@dataclass(slots=True)
-class _Ctx:
-    """What one request learned on its way, for its metrics and log lines."""
-
-    started: float
-    method: str
-    outcome: str = ""
-    request_id: str = ""
-    tenant: str | None = None
-    upstream_status: int | None = None
-    upstream_s: float | None = None  # time to the upstream's response headers
-
-
-def _method_label(body: Body) -> str:
-    """A bounded label: clients can send any method name, Prometheus must not see them all."""
-    if body.batch:
-        return "batch"
-    message = body.messages[0]
-    method = message.get("method")
-    if not isinstance(method, str):
-        return "response"
-    if method.startswith("notifications/"):
-        return "notification"
-    return method if method in KNOWN_METHODS else "other"
-
-
-def _status_outcome(status: int) -> str:
-    return {
-        401: "unauthorized",
-        400: "bad_request",
-        403: "forbidden",
-        404: "not_found",
-        405: "method_not_allowed",
-        413: "too_large",
-        503: "store_unavailable",
-    }.get(status, "ok" if status < 400 else "error")
-
-
-def request_id_of(headers: Mapping[str, str]) -> str:
-    """X-Request-Id if well-formed, else the trace id of a W3C traceparent, else a new one."""
-    incoming = headers.get("X-Request-Id", "")
-    if REQUEST_ID_RE.fullmatch(incoming):
-        return str(incoming)
-    parent = headers.get("traceparent", "")
-    parts = parent.split("-")
-    if (
-        len(parts) == 4
-        and parts[0] != "ff"  # W3C trace context: version ff and all-zero ids are invalid
-        and len(parts[1]) == 32
-        and all(c in "0123456789abcdef" for c in parts[1])
-        and parts[1] != "0" * 32
-        and parts[2] != "0" * 16
-    ):
-        return str(parts[1])
-    return uuid.uuid4().hex
 
 
 def _with(resp: web.Response, headers: dict[str, str]) -> web.Response:
@@ -561,44 +485,3 @@ def _too_large(limit: int, cors: dict[str, str]) -> web.Response:
         f"Request body too large: the limit is {limit} bytes (proxy.max_body_bytes).",
         headers=cors,
     )
-
-
-def _hashable(value: object) -> bool:
-    return isinstance(value, str | int) and not isinstance(value, bool)
-
-
-def _responses(data: str) -> list[dict[str, Any]]:
-    """JSON-RPC responses carried by one SSE data field (cheap test before parsing)."""
-    if '"id"' not in data or ('"result"' not in data and '"error"' not in data):
-        return []
-    try:
-        doc = orjson.loads(data)
-    except ValueError:
-        return []
-    items = doc if isinstance(doc, list) else [doc]
-    return [
-        m
-        for m in items
-        if isinstance(m, dict) and ("result" in m or "error" in m) and _hashable(m.get("id"))
-    ]
-
-
-def _filter_tools(message: dict[str, Any], hidden: frozenset[str]) -> dict[str, Any]:
-    result = message.get("result")
-    if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
-        return message
-    tools = [t for t in result["tools"] if not (isinstance(t, dict) and t.get("name") in hidden)]
-    new_result = dict(result, tools=tools)
-    if "resultType" in result or "ttlMs" in result:
-        new_result["cacheScope"] = "private"  # the list now varies per tenant
-    return dict(message, result=new_result)
-
-
-def _sse_rewrite(event: SSEEvent, message: dict[str, Any]) -> bytes:
-    lines = []
-    if event.event != "message":
-        lines.append(f"event: {event.event}")
-    if event.id is not None:
-        lines.append(f"id: {event.id}")
-    lines.append("data: " + orjson.dumps(message).decode())
-    return ("\n".join(lines) + "\n\n").encode()
