@@ -38,6 +38,8 @@ class Directory:
         self._guard = guard
         self._by_hash: dict[str, str] = {}  # key hash -> tenant id
         self._tenants: dict[str, Tenant] = {}
+        self._stale_by_hash: dict[str, str] = {}
+        self._stale_tenants: dict[str, Tenant] = {}
         self._generation = 0
         self._live = False
         self._subscribed = asyncio.Event()
@@ -71,10 +73,11 @@ class Directory:
         try:
             tenant = await self._guard.run(lambda: self._load(digest))
         except StoreUnavailable:
-            stale = self._cached(digest)
+            stale = self._cached(digest) or self._last_known(digest)
             if stale is not None:
                 return stale, True
             raise
+        self._stale_by_hash.pop(digest, None)
         if tenant is not None and generation == self._generation:
             if len(self._by_hash) >= MAX_CACHED:
                 self._by_hash.clear()
@@ -90,6 +93,11 @@ class Directory:
             await self._guard.run(lambda: self._r.hgetall(self._k.tenant(tenant_id))),
         )
         return Tenant.from_redis(raw) if raw and "plan" in raw else None
+
+    def _last_known(self, digest: str) -> Tenant | None:
+        """What was cached before the channel was lost: good enough in an outage only."""
+        tenant_id = self._stale_by_hash.get(digest)
+        return None if tenant_id is None else self._stale_tenants.get(tenant_id)
 
     def _cached(self, digest: str) -> Tenant | None:
         tenant_id = self._by_hash.get(digest)
@@ -113,11 +121,15 @@ class Directory:
         kind, _, ident = message.partition(":")
         if kind == "tenant":
             self._tenants.pop(ident, None)
+            self._stale_tenants.pop(ident, None)
         elif kind == "key":
             self._by_hash.pop(ident, None)
+            self._stale_by_hash.pop(ident, None)
         else:
             self._by_hash.clear()
             self._tenants.clear()
+            self._stale_by_hash.clear()
+            self._stale_tenants.clear()
 
     async def _listen(self) -> None:
         channel = self._k.invalidations()
@@ -127,8 +139,14 @@ class Directory:
                 await pubsub.subscribe(channel)
                 async for message in pubsub.listen():
                     if message["type"] == "subscribe":
-                        # Anything cached before this moment may have missed an invalidation.
+                        # Anything cached before this moment may have missed an invalidation:
+                        # no longer trusted, kept only as the outage fallback.
                         self._generation += 1
+                        if len(self._stale_by_hash) > MAX_CACHED:
+                            self._stale_by_hash.clear()
+                            self._stale_tenants.clear()
+                        self._stale_by_hash.update(self._by_hash)
+                        self._stale_tenants.update(self._tenants)
                         self._by_hash.clear()
                         self._tenants.clear()
                         self._live = True

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -49,7 +49,9 @@ def connect(cfg: RedisConfig) -> StoreClients:
         )
         return StoreClients(main=client, listener=client)
     timeout = cfg.timeout_ms / 1000
-    main = Redis.from_url(
+    # A burst beyond the pool waits for a connection (within the guard's deadline) instead of
+    # failing as "Too many connections" and opening the breaker.
+    pool = BlockingConnectionPool.from_url(
         cfg.url,
         decode_responses=True,
         socket_timeout=timeout,
@@ -57,7 +59,9 @@ def connect(cfg: RedisConfig) -> StoreClients:
         # The guard owns deadlines and the breaker: the client must not retry with backoff.
         retry=Retry(NoBackoff(), 0),
         max_connections=256,
+        timeout=timeout,
     )
+    main = Redis.from_pool(pool)  # closing the client closes its pool
     listener = Redis.from_url(
         cfg.url,
         decode_responses=True,

@@ -4,6 +4,7 @@ guard (deadline + breaker), and the configured fail mode when the store is away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 
 import structlog
@@ -26,6 +27,9 @@ log = structlog.get_logger(__name__)
 
 COUNTER_RETENTION_S = 40 * 86400  # keep past periods' counters for usage reports
 COMMIT_BATCH = 256
+COMMIT_RETRY_MIN_S = 0.05
+COMMIT_RETRY_MAX_S = 5.0
+FLUSH_LIMIT_S = 5.0
 
 
 class QuotaEngine:
@@ -134,17 +138,30 @@ class QuotaEngine:
             )
 
     async def _commit_queued(self) -> None:
+        delay = COMMIT_RETRY_MIN_S
         while self._commits:
             batch, self._commits = self._commits[:COMMIT_BATCH], self._commits[COMMIT_BATCH:]
             try:
                 await self._guard.run(lambda: self._storage.commit_many(batch))  # noqa: B023
             except StoreUnavailable:
-                log.warning("quota_commit_failed", reservations=len(batch))
+                # Keep them: a dropped commit would let the reaper refund used units. The
+                # settle script is idempotent, so a half-applied batch may be sent again.
+                self._commits = batch + self._commits
+                log.warning("quota_commit_retry", reservations=len(batch), in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, COMMIT_RETRY_MAX_S)
+            else:
+                delay = COMMIT_RETRY_MIN_S
 
-    async def flush(self) -> None:
-        """Wait until every queued commit has been sent (shutdown, tests)."""
-        while self._committer is not None and not self._committer.done():
-            await asyncio.shield(self._committer)
+    async def flush(self, limit: float = FLUSH_LIMIT_S) -> None:
+        """Wait until every queued commit has been sent (shutdown, tests), at most `limit` s:
+        what is left then is refunded by the reservation deadline."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limit):
+                while self._committer is not None and not self._committer.done():
+                    await asyncio.shield(self._committer)
+        if self._commits:
+            log.warning("quota_commits_abandoned", reservations=len(self._commits))
 
     async def used(self, tenant_id: str, period: Period) -> int:
         return await self._guard.run(lambda: self._storage.used(tenant_id, period.start))

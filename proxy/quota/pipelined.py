@@ -86,9 +86,14 @@ class PipelinedRedis:
             return writer
 
     async def _send(self, writer: asyncio.StreamWriter, args: Sequence[Arg]) -> Any:
+        if writer.is_closing():
+            raise RedisConnectionError("the Redis connection is closing")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        try:
+            writer.write(encode(args))
+        except RuntimeError as exc:  # uvloop: the transport closed under us
+            raise RedisConnectionError(str(exc)) from exc
         self._pending.append((future, self._now()))
-        writer.write(encode(args))
         # Shielded: a caller that gives up (timeout, client gone) must not desynchronise the
         # reply order; its reply is read and dropped.
         return await asyncio.shield(future)

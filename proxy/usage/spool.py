@@ -421,9 +421,13 @@ class Spool:
         return int(next(iter(rows))[0])
 
     async def check_writable(self) -> None:
-        """Take and release the write lock: raises when the file cannot be written."""
-        await self.db.execute("BEGIN IMMEDIATE")
-        await self.db.rollback()
+        """Take and release the write lock on a connection of its own (on the writer's, its
+        rollback could discard a group commit running in between): raises when the file
+        cannot be written."""
+        async with aiosqlite.connect(self._path, isolation_level=None) as probe:
+            await probe.execute("PRAGMA busy_timeout=1000")
+            await probe.execute("BEGIN IMMEDIATE")
+            await probe.execute("ROLLBACK")
 
     async def reported_totals(self, start: float, end: float) -> dict[tuple[str, str], int]:
         """Accepted meter-event values per (customer, event name) by meter-event timestamp."""
