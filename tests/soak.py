@@ -324,8 +324,7 @@ class Soak:
         self.tenants: list[Tenant] = []
         self.stop_traffic = asyncio.Event()
         self.seq = 0
-        # When the last fault that can orphan a reservation (Redis or a serve killed) ended.
-        self.last_fault_end = 0.0
+        self.traffic_end = 0.0
         self.started = time.monotonic()
         self.period_start = int(time.time()) - 86400
         self.exit_codes: dict[str, int | None] = {}
@@ -575,7 +574,7 @@ class Soak:
         try:
             await asyncio.sleep(FAULT_SECONDS)
         finally:
-            self._clear_stripe()  # Stripe faults hold no reservation: no wait for them
+            self._clear_stripe()
             self._note(kind, "cleared")
 
     def _clear_stripe(self) -> None:
@@ -589,7 +588,6 @@ class Soak:
             await self.redis.kill()
             self._note(kind, "redis-server SIGKILLed")
             await self.redis.start()
-            self.last_fault_end = time.monotonic()
             self._note(kind, f"back after {time.monotonic() - began:.2f} s (AOF replayed)")
         elif kind == "proxy_kill":
             replica = self.replicas[kills % len(self.replicas)]
@@ -597,7 +595,6 @@ class Soak:
             await replica.kill()
             self._note(kind, f"serve {replica.name} and its drainer SIGKILLed")
             await replica.start(http)
-            self.last_fault_end = time.monotonic()
             self._note(kind, f"serve {replica.name} back after {time.monotonic() - began:.2f} s")
         else:
             task = asyncio.create_task(self._stripe_fault(kind))
@@ -645,6 +642,7 @@ class Soak:
                 await faults
                 async with asyncio.timeout(REQUEST_TIMEOUT_S + 40):
                     await asyncio.gather(*tasks)
+                self.traffic_end = time.monotonic()
                 log(f"traffic stopped after {time.monotonic() - self.started:.0f} s; draining")
                 async with asyncio.timeout(DRAIN_LIMIT_S + RESERVATION_TTL_S):
                     await self.drain(http)
@@ -663,13 +661,14 @@ class Soak:
         for replica in self.replicas:
             if not replica.up:
                 await replica.start(http)
-        # A reservation orphaned by a fault is refunded once its deadline has passed, by the
-        # next reservation of its tenant: wait out the deadline, then make that reservation.
-        if self.last_fault_end:
-            wait = self.last_fault_end + RESERVATION_TTL_S + 2 - time.monotonic()
-            if wait > 0:
-                log(f"waiting {wait:.0f} s for orphaned reservations to pass their deadline")
-                await asyncio.sleep(wait)
+        # An orphaned reservation (its serve was killed, or its commit or refund failed while
+        # the store was away or slow: that can happen without an injected fault) is refunded
+        # once its deadline has passed, by the next reservation of its tenant. Every one was
+        # made before the traffic stopped: wait out the deadline, then make that reservation.
+        wait = self.traffic_end + RESERVATION_TTL_S + 2 - time.monotonic()
+        if wait > 0:
+            log(f"waiting {wait:.0f} s for orphaned reservations to pass their deadline")
+            await asyncio.sleep(wait)
         for tenant in self.tenants:
             await self.tool_call(http, tenant, "add")  # the reap probe: a call like any other
         client = redis.asyncio.Redis.from_url(self.redis.url, decode_responses=True)
@@ -721,7 +720,9 @@ class Soak:
         for replica in self.replicas:
             counts = replica.log_counts(
                 (
-                    "quota_commit_failed",
+                    "quota_commit_failed",  # older releases: the commit was dropped
+                    "quota_commit_retry",
+                    "quota_commits_abandoned",  # left at shutdown: the deadline refunds them
                     "quota_settle_failed",
                     "upstream_stream_broken",
                     "invalidation_channel_lost",
@@ -830,7 +831,11 @@ class Soak:
             else:
                 committed[row.tenant_id] += row.units
         ok4 = all(counters[t.id] == committed[t.id] for t in self.tenants)
-        dropped = sum(r.log_sum("quota_commit_failed", "reservations") for r in self.replicas)
+        dropped = sum(
+            r.log_sum(event, "reservations")
+            for r in self.replicas
+            for event in ("quota_commit_failed", "quota_commits_abandoned")
+        )
         checks.append(
             (
                 "Redis counters == committed (spooled, not degraded) units, per tenant",
@@ -840,7 +845,7 @@ class Soak:
                     f"(diff {counters[t.id] - committed[t.id]:+d}) degraded={degraded[t.id]}"
                     for t in self.tenants
                 )
-                + f"; commits dropped while Redis was away (quota_commit_failed): {dropped}"
+                + f"; commits dropped (quota_commit_failed/quota_commits_abandoned): {dropped}"
                 + "; a serve SIGKILLed between spooling and its batched commit loses that commit"
                 + " too (its reservation is reaped later: the counter ends below committed)",
             )

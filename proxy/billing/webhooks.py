@@ -83,7 +83,8 @@ class WebhookReceiver:
             stripe.WebhookSignature.verify_header(
                 raw.decode("utf-8"), header, secret, self._cfg.billing.webhook_tolerance_s
             )
-        except (stripe.SignatureVerificationError, UnicodeDecodeError):
+        # TypeError/ValueError: the SDK's compare_digest refuses non-ASCII signatures.
+        except (stripe.SignatureVerificationError, UnicodeDecodeError, TypeError, ValueError):
             return Outcome(400, "bad_signature"), "-", "signature verification failed"
         try:
             event = json.loads(raw)

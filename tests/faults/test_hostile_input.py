@@ -699,7 +699,7 @@ async def test_a_key_that_is_not_utf8_is_401_not_500(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="BUG: proxy/forward.py:128 passes Mcp-Session-Id straight to Sessions.owner; a value "
+    reason="BUG: proxy/forward.py:132 passes Mcp-Session-Id straight to Sessions.owner; a value "
     "that is not valid UTF-8 (surrogateescape-decoded by aiohttp) makes the Redis encoder raise "
     "UnicodeEncodeError: 500. Fix: in McpProxy._handle, answer 400 (INVALID_REQUEST) unless the "
     "session id is 1-256 visible ASCII characters (0x21-0x7E, as MCP requires) before any lookup.",
@@ -724,7 +724,7 @@ async def _inflight(proxy: RunningProxy) -> float:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="BUG: proxy/forward.py:142-144 catches only HTTPRequestEntityTooLarge (and the body "
+    reason="BUG: proxy/forward.py:146-148 catches only HTTPRequestEntityTooLarge (and the body "
     "timeout) around request.read(); a body aiohttp cannot decode (Content-Encoding: gzip that is "
     "not gzip, or a broken chunked body) raises aiohttp.web_protocol.RequestPayloadError, which "
     "escapes: aiohttp answers 500 and logs a traceback. Fix: also catch RequestPayloadError "
