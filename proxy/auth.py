@@ -43,11 +43,15 @@ def extract_key(headers: Mapping[str, str]) -> str | None:
     if auth is not None:
         scheme, _, token = auth.strip().partition(" ")
         if scheme.lower() == "bearer":
-            token = token.strip()
-            return token if 0 < len(token) <= MAX_KEY_LEN else None
+            return _plausible(token.strip())
         return None
     api_key = headers.get("X-API-Key")
     if api_key is not None:
-        api_key = api_key.strip()
-        return api_key if 0 < len(api_key) <= MAX_KEY_LEN else None
+        return _plausible(api_key.strip())
     return None
+
+
+def _plausible(token: str) -> str | None:
+    """Keys are printable ASCII; anything else cannot be one (and must not reach hashing)."""
+    ok = 0 < len(token) <= MAX_KEY_LEN and token.isascii() and token.isprintable()
+    return token if ok else None

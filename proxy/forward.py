@@ -11,6 +11,7 @@ import aiohttp
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from .auth import extract_key
 from .billing.plansync import effective_plan
@@ -147,6 +148,13 @@ class McpProxy:
                     body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 return _too_large(self._cfg.proxy.max_body_bytes, cors)
+            except RequestPayloadError:  # e.g. a body that is not the gzip it claims
+                return rpc_error_reply(
+                    400,
+                    INVALID_REQUEST,
+                    "The request body could not be read or decoded.",
+                    headers=cors,
+                )
             except TimeoutError:
                 # A slow sender holds a connection and a buffer: cut it off.
                 return rpc_error_reply(

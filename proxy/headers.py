@@ -31,6 +31,8 @@ _REQUEST_DROP = HOP_BY_HOP | {
     "x-api-key",
     "accept-encoding",
     "cookie",
+    # aiohttp hands over the request body already decoded: its encoding no longer applies.
+    "content-encoding",
 }
 # Content-Length goes because the body is re-chunked (and may be filtered for tools/list).
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}

@@ -677,14 +677,6 @@ async def test_underscore_spelling_of_the_tenant_header_is_not_forwarded(
 # --- 3. invalid bytes in headers and bodies (raw sockets) -------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: proxy/auth.py:33 hash_key does key.encode(); aiohttp decodes header bytes with "
-    "surrogateescape, so a key that is not valid UTF-8 raises UnicodeEncodeError and the client "
-    "gets aiohttp's 500 with a traceback logged. Fix: extract_key (proxy/auth.py) returns None "
-    "unless the key is printable ASCII (`token.isascii() and token.isprintable()`), so it is a "
-    "401 like any other bad key.",
-)
 @pytest.mark.parametrize("header", [b"Authorization: Bearer \xff\xfe", b"X-API-Key: k\xc3\xff"])
 async def test_a_key_that_is_not_utf8_is_401_not_500(
     make_config: ConfigFactory, upstream: tuple[HostileUpstream, str], header: bytes
@@ -722,14 +714,6 @@ async def _inflight(proxy: RunningProxy) -> float:
     return proxy.components.metrics.registry.get_sample_value("mqp_inflight_requests") or 0.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: proxy/forward.py:146-148 catches only HTTPRequestEntityTooLarge (and the body "
-    "timeout) around request.read(); a body aiohttp cannot decode (Content-Encoding: gzip that is "
-    "not gzip, or a broken chunked body) raises aiohttp.web_protocol.RequestPayloadError, which "
-    "escapes: aiohttp answers 500 and logs a traceback. Fix: also catch RequestPayloadError "
-    "there and answer 400 (PARSE_ERROR, 'the body could not be decoded').",
-)
 async def test_an_undecodable_compressed_body_is_400_not_500(
     make_config: ConfigFactory, upstream: tuple[HostileUpstream, str]
 ) -> None:
@@ -759,13 +743,6 @@ async def test_an_undecodable_compressed_body_is_400_not_500(
     assert up.got == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: proxy/headers.py _REQUEST_DROP keeps Content-Encoding, but aiohttp's server has "
-    "already decompressed the request body the proxy forwards, so the upstream gets an identity "
-    "body labelled gzip and fails to decode it (a valid compressed MCP request never works, and "
-    "the call is refunded). Fix: add 'content-encoding' to _REQUEST_DROP.",
-)
 async def test_a_gzip_request_body_reaches_the_upstream_decoded_and_labelled_so(
     make_config: ConfigFactory, upstream: tuple[HostileUpstream, str]
 ) -> None:
