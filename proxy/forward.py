@@ -415,14 +415,12 @@ class McpProxy:
         answered, the quota commit and the spool row must not be cut in half."""
         task = self._tasks.spawn(self._settler.final(call, message), name="settle")
         try:
-            outcome = await asyncio.shield(task)
+            charged, outcome = await asyncio.shield(task)
         except SpoolError:
             self._m.spool_errors.inc()
             self._call_done(ctx, call.tool, call.decision.cost, "spool_error")
             raise
-        if outcome in BILLED_OUTCOMES or (
-            outcome == "tool_error" and self._cfg.proxy.bill_tool_errors
-        ):
+        if charged:
             self._m.spool_appends.inc()
         self._call_done(ctx, call.tool, call.decision.cost, outcome)
 
@@ -476,9 +474,6 @@ class McpProxy:
         calls = self._sessions.expire(self._clock.monotonic())
         await self._refund_calls(calls)
         return len(calls)
-
-
-BILLED_OUTCOMES = frozenset({"ok"})
 
 
 def _with(resp: web.Response, headers: dict[str, str]) -> web.Response:

@@ -69,12 +69,13 @@ class Settler:
         self._bill_tool_errors = bill_tool_errors
         self._token_meta_key = token_meta_key
 
-    async def final(self, call: PendingCall, message: dict[str, Any]) -> str:
-        """Settle from the final response; returns the outcome. Durable before it returns."""
+    async def final(self, call: PendingCall, message: dict[str, Any]) -> tuple[bool, str]:
+        """Settle from the final response; returns (charged, outcome). Durable before it
+        returns."""
         charge, outcome = billable(message, self._bill_tool_errors)
         if not charge:
             await self.refund(call)
-            return outcome
+            return False, outcome
         if call.reservation is not None:
             self._engine.commit_later(call.reservation)
         await self._sink.append(
@@ -95,7 +96,7 @@ class Settler:
                 billable=call.billed and call.tenant.stripe_customer is not None,
             )
         )
-        return outcome
+        return True, outcome
 
     async def refund(self, call: PendingCall) -> None:
         if call.reservation is not None:
