@@ -224,6 +224,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         ),
         connector=aiohttp.TCPConnector(limit=0),  # each open SSE stream holds a connection
         skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+        # One session serves every tenant: a cookie the upstream sets for one must never be
+        # sent back on another's request (the client's own Cookie header is not forwarded).
+        cookie_jar=aiohttp.DummyCookieJar(),
     )
     c.proxy = McpProxy(
         c.config,

@@ -11,11 +11,9 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from .config import Config, ConfigError, default_config_path, load_config
 from .keys import KeySpace
-from .store import connect
+from .store import STORE_ERRORS, connect
 from .tenants import TenantError, TenantStore
 
 EXIT_USAGE = 2
@@ -45,13 +43,13 @@ async def _with_store(config: Config, work: Callable[[TenantStore], Awaitable[No
     store = _admin_store(config)
     try:
         await work(store)
-    except (RedisError, OSError) as exc:
+    except STORE_ERRORS as exc:
         raise CliError(
             f"cannot reach Redis ({type(exc).__name__}: {exc}). Check REDIS_URL and that Redis "
             "is running."
         ) from None
     finally:
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*STORE_ERRORS):
             await store.close()
 
 
@@ -68,7 +66,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"{where}: OK")
     print(f"  listen   {config.listen.host}:{config.listen.port}")
     print(f"  upstream {config.upstream.url} paths {', '.join(config.upstream.mcp_paths)}")
-    store = "embedded (memory://)" if config.redis.embedded else "shared Redis"
+    store = (
+        "embedded (memory://)"
+        if config.redis.embedded
+        else "Redis Cluster"
+        if config.redis.cluster
+        else "shared Redis"
+    )
     print(f"  store    {store}, fail_mode {config.redis.fail_mode}")
     print(f"  plans    {', '.join(config.plans)} (default {config.default_plan})")
     return 0

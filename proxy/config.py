@@ -70,6 +70,7 @@ class ProxyConfig:
     bill_tool_errors: bool = False
     resume_grace_s: float = 300.0
     body_timeout_s: float = 30.0  # a client must send its whole body within this (slowloris)
+    header_timeout_s: float = 60.0  # ...its request headers, or its next request when idle
     gated_methods: Mapping[str, int] = field(default_factory=lambda: {"tools/call": 1})
 
 
@@ -82,6 +83,7 @@ class RedisConfig:
     breaker_cooldown_s: float = 5.0
     fail_mode: Literal["open", "closed"] = "open"
     reservation_ttl_s: int = 3600
+    cluster: bool = False  # `url` names one node of a Redis Cluster (the seed)
 
     @property
     def embedded(self) -> bool:
@@ -320,6 +322,29 @@ def _url_like(value: str, key: str, schemes: tuple[str, ...]) -> str:
     return value
 
 
+def _cluster_url(url: str) -> None:
+    """A cluster is reached over TCP through one seed node, in database 0 (the URL is not
+    echoed: it may carry a password)."""
+    if url == MEMORY_URL:
+        raise ConfigError(
+            "redis.cluster: true needs redis.url (or REDIS_URL) to name one node of the "
+            "cluster, e.g. redis://10.0.0.5:6379; memory:// is a single in-process store"
+        )
+    scheme, _, rest = url.partition("://")
+    if scheme not in ("redis", "rediss"):
+        raise ConfigError(
+            "redis.cluster: a Redis Cluster is reached over TCP; use a redis:// or rediss:// "
+            f"URL, not {scheme}://"
+        )
+    address = rest.rpartition("@")[2].partition("?")[0]  # after any user:password@
+    database = address.partition("/")[2].strip("/")
+    if database not in ("", "0"):
+        raise ConfigError(
+            "redis.url (or REDIS_URL): a Redis Cluster has only database 0; "
+            "end the URL with /0 or no path"
+        )
+
+
 _DEFAULT_PLANS: dict[str, Any] = {
     "free": {"included_units": 100, "overage": "block", "rate": {"per_second": 5, "burst": 10}},
 }
@@ -382,6 +407,7 @@ def parse_config(data: Mapping[str, Any] | None, env: Mapping[str, str]) -> Conf
             "bill_tool_errors",
             "resume_grace_s",
             "body_timeout_s",
+            "header_timeout_s",
             "gated_methods",
         },
     )
@@ -398,6 +424,7 @@ def parse_config(data: Mapping[str, Any] | None, env: Mapping[str, str]) -> Conf
         bill_tool_errors=pr.boolean("bill_tool_errors", False),
         resume_grace_s=pr.number("resume_grace_s", 300.0),
         body_timeout_s=pr.number("body_timeout_s", 30.0, minimum=0.1),
+        header_timeout_s=pr.number("header_timeout_s", 60.0, minimum=0.1),
         gated_methods=gated,
     )
 
@@ -411,6 +438,7 @@ def parse_config(data: Mapping[str, Any] | None, env: Mapping[str, str]) -> Conf
             "breaker_cooldown_s",
             "fail_mode",
             "reservation_ttl_s",
+            "cluster",
         },
     )
     redis_url = env.get(ENV_REDIS_URL) or rr.string("url", MEMORY_URL)
@@ -426,7 +454,10 @@ def parse_config(data: Mapping[str, Any] | None, env: Mapping[str, str]) -> Conf
         if rr.choice("fail_mode", "open", ("open", "closed")) == "closed"
         else "open",
         reservation_ttl_s=rr.required_int("reservation_ttl_s", 3600, minimum=60),
+        cluster=rr.boolean("cluster", False),
     )
+    if redis.cluster:
+        _cluster_url(redis.url)
     if not redis.key_prefix or "{" in redis.key_prefix or "}" in redis.key_prefix:
         raise ConfigError("redis.key_prefix: must be non-empty and contain no braces")
 

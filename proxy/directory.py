@@ -18,13 +18,21 @@ from redis.exceptions import RedisError
 
 from .auth import hash_key, keys_match
 from .keys import KeySpace
-from .store import StoreGuard, StoreUnavailable
+from .store import STORE_ERRORS, StoreGuard, StoreUnavailable
 from .tenants import Tenant
 
 log = structlog.get_logger(__name__)
 
 MAX_CACHED = 100_000
 RESUBSCRIBE_DELAY_S = 0.5
+STORE_CHECK_TIMEOUT_S = 2.0
+STORE_CAME_BACK_EMPTY = (
+    "Redis answers again but holds no tenants: it restarted without its data, so every "
+    "request will get 401. Restore it from its AOF/RDB if there is one; else re-create each "
+    "tenant (`mcp-quota-proxy tenant create ID --plan P --stripe-customer cus_...`) and issue "
+    "new keys (`mcp-quota-proxy key issue ID`), and this period's quota starts again from "
+    "zero. Run Redis with persistence (appendonly yes)."
+)
 
 
 class Directory:
@@ -44,6 +52,7 @@ class Directory:
         self._live = False
         self._subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._store_check: asyncio.Task[None] | None = None
 
     @property
     def live(self) -> bool:
@@ -57,10 +66,11 @@ class Directory:
                 await self._subscribed.wait()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._store_check):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def authenticate(self, key: str) -> tuple[Tenant | None, bool]:
         """(tenant or None, degraded). Raises StoreUnavailable when nothing is known."""
@@ -133,6 +143,7 @@ class Directory:
 
     async def _listen(self) -> None:
         channel = self._k.invalidations()
+        subscribed_before = False
         while True:
             pubsub = self._listener_client.pubsub()
             try:
@@ -151,6 +162,9 @@ class Directory:
                         self._tenants.clear()
                         self._live = True
                         self._subscribed.set()
+                        if subscribed_before:  # start-up's own check covers the first one
+                            self._check_store_soon()
+                        subscribed_before = True
                     elif message["type"] == "message":
                         self._invalidate(str(message["data"]))
             except (RedisError, OSError) as exc:
@@ -159,8 +173,29 @@ class Directory:
             finally:
                 self._live = False
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
             await asyncio.sleep(RESUBSCRIBE_DELAY_S)
+
+    def _check_store_soon(self) -> None:
+        """Check in the background, so invalidations keep flowing meanwhile."""
+        if self._store_check is None or self._store_check.done():
+            self._store_check = asyncio.get_running_loop().create_task(
+                self._warn_if_empty(), name="directory-store-check"
+            )
+
+    async def _warn_if_empty(self) -> None:
+        """The channel came back, so Redis may have restarted: without persistence it is empty
+        now, and an operator must hear it from the running serve, not only at its next start.
+        One SCARD per reconnect, never on a request."""
+        for _ in range(2):  # the first may meet a pooled connection the restart closed
+            try:
+                async with asyncio.timeout(STORE_CHECK_TIMEOUT_S):
+                    count = await self._r.scard(self._k.tenant_index())
+            except STORE_ERRORS:  # includes a Redis Cluster's own errors
+                continue
+            if count == 0:
+                log.warning("tenant_store_empty", message=STORE_CAME_BACK_EMPTY)
+            return
 
 
 def _stored_hash(blob: str) -> str:

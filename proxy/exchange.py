@@ -4,13 +4,13 @@ JSON-RPC responses inside JSON and SSE replies."""
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from .ids import request_ids
 from .jsonrpc import Body
 from .sse import SSEEvent
 
@@ -95,7 +95,7 @@ def request_id_of(headers: Mapping[str, str]) -> str:
         and parts[2] != "0" * 16
     ):
         return str(parts[1])
-    return uuid.uuid4().hex
+    return request_ids.next()
 
 
 def hashable(value: object) -> bool:

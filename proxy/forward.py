@@ -12,6 +12,7 @@ import orjson
 import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
+from yarl import URL
 
 from .auth import extract_key
 from .billing.plansync import effective_plan
@@ -50,7 +51,7 @@ from .metrics import Metrics
 from .replies import cors_headers, json_reply, preflight, rpc_error_reply, unauthorized
 from .sessions import Sessions
 from .settle import PendingCall, Settler
-from .sse import SSEParser
+from .sse import SSEEventTooLarge, SSEParser
 from .store import StoreUnavailable
 from .tasks import TaskSet
 from .tenants import Tenant
@@ -83,6 +84,7 @@ class McpProxy:
         self._engine = engine
         self._clock = clock
         self._tasks = tasks
+        self._urls: dict[str, URL] = {}
 
     # --- the request path -----------------------------------------------------------------
 
@@ -96,8 +98,9 @@ class McpProxy:
             return resp
         finally:
             self._m.inflight.dec()
-            self._m.requests.labels(ctx.method, ctx.outcome or status_outcome(status)).inc()
-            self._m.request_seconds.labels(ctx.method).observe(time.perf_counter() - ctx.started)
+            m = self._m
+            m.child(m.requests, ctx.method, ctx.outcome or status_outcome(status)).inc()
+            m.child(m.request_seconds, ctx.method).observe(time.perf_counter() - ctx.started)
 
     async def _handle(self, request: web.Request, ctx: Ctx) -> web.StreamResponse:
         origin = request.headers.get("Origin")
@@ -128,8 +131,17 @@ class McpProxy:
 
         request_id = ctx.request_id = request_id_of(request.headers)
         ctx.tenant = tenant.id
+        plan = effective_plan(tenant, self._clock.time(), self._cfg)
         session_id = request.headers.get("Mcp-Session-Id")
         if session_id is not None:
+            if not _valid_session_id(session_id):
+                return rpc_error_reply(
+                    400,
+                    INVALID_REQUEST,
+                    "Mcp-Session-Id must be 1-1024 visible ASCII characters; use the id the "
+                    "server returned from initialize.",
+                    headers=cors,
+                )
             owner = await self._sessions.owner(session_id)
             if owner is not None and owner != tenant.id:
                 return rpc_error_reply(
@@ -143,6 +155,9 @@ class McpProxy:
         parsed: Body | None = None
         gated = GateResult()
         if request.method == "POST":
+            if (request.content_length or 0) > self._cfg.proxy.max_body_bytes:
+                # Refused before reading: a slow sender of a huge body must not hold a handler.
+                return _too_large(self._cfg.proxy.max_body_bytes, {"Connection": "close", **cors})
             try:
                 async with asyncio.timeout(self._cfg.proxy.body_timeout_s):
                     body = await request.read()
@@ -170,7 +185,7 @@ class McpProxy:
                 gated = await gate(
                     parsed,
                     tenant,
-                    effective_plan(tenant, self._clock.time(), self._cfg),
+                    plan,
                     self._engine,
                     self._cfg.proxy,
                     modern=is_modern(request.headers.get("MCP-Protocol-Version")),
@@ -194,7 +209,15 @@ class McpProxy:
             m.get("method") == "initialize" for m in parsed.messages
         )
         return await self._forward(
-            request, body, tenant, gated, session_id, ctx, cors, initialize=initialize
+            request,
+            body,
+            tenant,
+            gated,
+            session_id,
+            ctx,
+            cors,
+            initialize=initialize,
+            hidden=plan.hidden_tools,
         )
 
     async def _answer_here(
@@ -229,6 +252,7 @@ class McpProxy:
         cors: dict[str, str],
         *,
         initialize: bool,
+        hidden: frozenset[str],
     ) -> web.StreamResponse:
         request_id = ctx.request_id
         outstanding = dict(gated.pending)
@@ -236,9 +260,8 @@ class McpProxy:
             request.headers.items(), self._cfg.proxy.tenant_header, tenant.id
         )
         headers["X-Request-Id"] = request_id
-        url = self._cfg.upstream.url + request.path_qs
+        url = self._upstream_url(request.path_qs)
         resumable = False
-        hidden = effective_plan(tenant, self._clock.time(), self._cfg).hidden_tools
         try:
             try:
                 upstream = self._http.request(
@@ -248,7 +271,7 @@ class McpProxy:
                 self._m.overhead_seconds.observe(sent - ctx.started)
                 up = await upstream.__aenter__()
                 ctx.upstream_s = time.perf_counter() - sent
-                self._m.upstream_seconds.labels(ctx.method).observe(ctx.upstream_s)
+                self._m.child(self._m.upstream_seconds, ctx.method).observe(ctx.upstream_s)
                 ctx.upstream_status = up.status
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
                 ctx.outcome = "upstream_unreachable"
@@ -261,15 +284,13 @@ class McpProxy:
                     headers=cors,
                 )
             try:
-                resp = web.StreamResponse(status=up.status, reason=up.reason)
-                resp.headers.extend(downstream_response_headers(up.headers))
-                resp.headers.update(cors)
+                headers = downstream_response_headers(up.headers)
+                headers.update(cors)
                 new_session = up.headers.get("Mcp-Session-Id")
                 if new_session and initialize and up.status < 300:
                     await self._sessions.bind(new_session, tenant.id)
                 if request.method == "DELETE" and session_id and up.status < 300:
                     await self._refund_calls(await self._sessions.forget(session_id))
-                await resp.prepare(request)
                 ctype = up.headers.get("Content-Type", "").lower()
                 watch = (
                     request.method == "GET"
@@ -279,6 +300,29 @@ class McpProxy:
                 metering = bool(outstanding or gated.list_ids)
                 if up.status >= 300:
                     await self._refund(outstanding)
+                if metering and ctype.startswith("application/json"):
+                    # A JSON reply is complete before it can be settled, so it goes out whole:
+                    # one write with Content-Length instead of chunks.
+                    try:
+                        raw = await self._settle_json(up, outstanding, gated.list_ids, hidden, ctx)
+                    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+                        # Nothing was sent yet, so the client can get a clean answer.
+                        ctx.outcome = "upstream_broken"
+                        await self._refund(outstanding)
+                        log.warning("upstream_stream_broken", request_id=request_id, error=str(exc))
+                        return rpc_error_reply(
+                            502,
+                            UPSTREAM_UNAVAILABLE,
+                            "The MCP server's reply broke off or was too large; retry shortly.",
+                            headers=cors,
+                        )
+                    if outstanding:
+                        await self._refund(outstanding)  # not answered in the reply
+                    return web.Response(
+                        status=up.status, reason=up.reason, body=raw, headers=headers
+                    )
+                resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
+                await resp.prepare(request)
                 if (metering or watch) and ctype.startswith("text/event-stream"):
                     self._m.open_streams.inc()
                     try:
@@ -293,8 +337,6 @@ class McpProxy:
                         )
                     finally:
                         self._m.open_streams.dec()
-                elif metering and ctype.startswith("application/json"):
-                    await self._pump_json(up, resp, outstanding, gated.list_ids, hidden, ctx)
                 else:
                     streaming = ctype.startswith("text/event-stream")
                     if streaming:
@@ -321,6 +363,11 @@ class McpProxy:
         except aiohttp.ClientPayloadError:
             log.warning("upstream_stream_broken", request_id=request_id)
             raise
+        except SSEEventTooLarge as exc:
+            # Nothing can be forwarded after a cut event: end the client's transfer unfinished,
+            # as for a broken upstream stream (the finally below refunds what is outstanding).
+            log.warning("upstream_event_too_large", request_id=request_id, error=str(exc))
+            raise aiohttp.ClientPayloadError("upstream SSE event too large") from exc
         finally:
             if outstanding:
                 # Cancelled (client went away) or failed mid-stream: refund off the handler's
@@ -328,6 +375,15 @@ class McpProxy:
                 calls = list(outstanding.values())
                 outstanding.clear()
                 self._tasks.spawn(self._refund_calls(calls), name="refund")
+
+    def _upstream_url(self, path_qs: str) -> URL:
+        """Parsed once per path: yarl's parsing is a visible share of a request's CPU."""
+        url = self._urls.get(path_qs)
+        if url is None:
+            if len(self._urls) >= 64:  # paths come from clients: keep the cache bounded
+                self._urls.clear()
+            url = self._urls[path_qs] = URL(self._cfg.upstream.url + path_qs)
+        return url
 
     # --- pumps ------------------------------------------------------------------------------
 
@@ -370,15 +426,18 @@ class McpProxy:
             await resp.write(tail)
         return saw_id
 
-    async def _pump_json(
+    async def _settle_json(
         self,
         up: aiohttp.ClientResponse,
-        resp: web.StreamResponse,
         outstanding: dict[RpcId, PendingCall],
         list_ids: set[RpcId],
         hidden: frozenset[str],
         ctx: Ctx,
-    ) -> None:
+    ) -> bytes:
+        """Read a whole JSON reply, settle the calls it answers, and return what the client
+        gets (the same bytes unless a tools/list was filtered)."""
+        if (up.content_length or 0) > MAX_METERED_JSON:
+            raise aiohttp.ClientPayloadError("upstream JSON reply too large to meter")
         chunks: list[bytes] = []
         size = 0
         async for chunk in up.content.iter_any():
@@ -386,12 +445,11 @@ class McpProxy:
             if size > MAX_METERED_JSON:
                 raise aiohttp.ClientPayloadError("upstream JSON reply too large to meter")
             chunks.append(chunk)
-        raw = b"".join(chunks)
+        raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         try:
             doc = orjson.loads(raw)
         except ValueError:
-            await resp.write(raw)
-            return  # garbage: outstanding calls are refunded by the caller
+            return raw  # garbage: outstanding calls are refunded by the caller
         messages = doc if isinstance(doc, list) else [doc]
         rewritten = False
         for i, message in enumerate(messages):
@@ -408,14 +466,12 @@ class McpProxy:
                 rewritten = True
         if rewritten:
             raw = dumps(messages if isinstance(doc, list) else messages[0])
-        await resp.write(raw)
+        return raw
 
     async def _settle(self, call: PendingCall, message: dict[str, Any], ctx: Ctx) -> None:
-        """Settle to the end even if the client leaves meanwhile: once the upstream has
-        answered, the quota commit and the spool row must not be cut in half."""
-        task = self._tasks.spawn(self._settler.final(call, message), name="settle")
+        """Settle from the call's final response (cancel-safe: see Settler.final)."""
         try:
-            charged, outcome = await asyncio.shield(task)
+            charged, outcome = await self._settler.final(call, message)
         except SpoolError:
             self._m.spool_errors.inc()
             self._call_done(ctx, call.tool, call.decision.cost, "spool_error")
@@ -426,18 +482,18 @@ class McpProxy:
 
     def _observe_gate(self, ctx: Ctx, gated: GateResult) -> None:
         for tool, decision in gated.decisions:
-            self._m.quota_decisions.labels(decision.plan, decision.outcome.value).inc()
+            self._m.child(self._m.quota_decisions, decision.plan, decision.outcome.value).inc()
             if not decision.allowed:
                 self._call_done(ctx, tool, decision.cost, decision.outcome.value)
             elif self._m.per_tenant is not None and decision.used >= 0:
                 self._m.per_tenant.labels(ctx.tenant or "-").set(decision.used)
         for tool in gated.hidden:
-            self._m.quota_decisions.labels("-", "hidden_tool").inc()
+            self._m.child(self._m.quota_decisions, "-", "hidden_tool").inc()
             self._call_done(ctx, tool, 0, "hidden_tool")
 
     def _call_done(self, ctx: Ctx, tool: str | None, units: int, outcome: str) -> None:
         """One metric and one log line per gated call: never a key, a secret or a body."""
-        self._m.tool_calls.labels(tool or "-", outcome).inc()
+        self._m.tool_call(tool, outcome)
         log.info(
             "tool_call",
             request_id=ctx.request_id,
@@ -458,7 +514,7 @@ class McpProxy:
     async def _refund_calls(self, calls: list[PendingCall], ctx: Ctx | None = None) -> None:
         for call in calls:
             await self._settler.refund(call)
-            self._m.tool_calls.labels(call.tool or "-", "abandoned").inc()
+            self._m.tool_call(call.tool, "abandoned")
             log.info(
                 "tool_call",
                 request_id=call.request_id,
@@ -474,6 +530,11 @@ class McpProxy:
         calls = self._sessions.expire(self._clock.monotonic())
         await self._refund_calls(calls)
         return len(calls)
+
+
+def _valid_session_id(value: str) -> bool:
+    # MCP: visible ASCII only (0x21-0x7E). Anything else never reaches Redis or the upstream.
+    return 0 < len(value) <= 1024 and value.isascii() and value.isprintable() and " " not in value
 
 
 def _with(resp: web.Response, headers: dict[str, str]) -> web.Response:

@@ -57,10 +57,19 @@ def upstream_request_headers(
     tenant_id: str,
 ) -> CIMultiDict[str]:
     source = CIMultiDict(incoming)
-    drop = _REQUEST_DROP | _connection_tokens(source) | {tenant_header.lower()}
-    out: CIMultiDict[str] = CIMultiDict((k, v) for k, v in source.items() if k.lower() not in drop)
+    drop = _REQUEST_DROP | _connection_tokens(source)
+    tenant = _fold(tenant_header)
+    # CGI/WSGI-style servers read X-MCP-Tenant and X_MCP_Tenant as one variable: a client's
+    # spelling with underscores must not shadow the tenant the proxy vouches for.
+    out: CIMultiDict[str] = CIMultiDict(
+        (k, v) for k, v in source.items() if k.lower() not in drop and _fold(k) != tenant
+    )
     out[tenant_header] = tenant_id
     return out
+
+
+def _fold(name: str) -> str:
+    return name.lower().replace("_", "-")
 
 
 def downstream_response_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,8 +101,79 @@ def parse_body(raw: bytes) -> Body:
     if isinstance(doc, list):
         if not doc:
             raise RpcError(INVALID_REQUEST, "Invalid Request: an empty batch")
-        return Body([_check(m) for m in doc], batch=True)
-    return Body([_check(doc)], batch=False)
+        body = Body([_check(m) for m in doc], batch=True)
+    else:
+        body = Body([_check(doc)], batch=False)
+    _refuse_ambiguous_keys(raw, body.messages)
+    return body
+
+
+# The raw body is forwarded, so the upstream must read it as it was gated. JSON parsers
+# disagree on duplicate keys (first or last wins) and Go's encoding/json matches keys
+# case-insensitively, so either could make the upstream run another method or tool.
+_GATED_KEYS = frozenset({"jsonrpc", "id", "method", "params"})
+
+
+def _refuse_ambiguous_keys(raw: bytes, messages: list[dict[str, Any]]) -> None:
+    if not _may_be_ambiguous(raw, messages):
+        return
+    try:
+        doc = json.loads(raw, object_pairs_hook=_pairs)
+    except RecursionError:  # orjson allows a little deeper nesting than the stdlib
+        raise RpcError(PARSE_ERROR, "Parse error: the body is nested too deeply") from None
+    for message in doc if isinstance(doc, list) else [doc]:
+        params = message.get("params")
+        objects = (message, params) if isinstance(params, dict) else (message,)
+        if any(isinstance(obj, _Repeated) for obj in objects):
+            raise RpcError(
+                INVALID_REQUEST,
+                "Invalid Request: a key occurs twice in one JSON-RPC message or its params; "
+                "send each key once",
+                _reply_id(message),
+            )
+        if any(len({k.lower() for k in obj}) != len(obj) for obj in objects):
+            raise RpcError(
+                INVALID_REQUEST,
+                "Invalid Request: keys that differ only in case in one JSON object; "
+                "send each key once, in lower case",
+                _reply_id(message),
+            )
+
+
+def _may_be_ambiguous(raw: bytes, messages: list[dict[str, Any]]) -> bool:
+    """Cheap test on the hot path. Each gated key the parser kept occurs at least once in
+    the raw bytes, so equal totals mean no repeats, in any case. A gated name elsewhere
+    (say, a value) or a \\u escape only sends the body to the exact check."""
+    if b"\\u" in raw:
+        return True
+    low = raw.lower()
+    seen = (
+        low.count(b'"jsonrpc"')
+        + low.count(b'"id"')
+        + low.count(b'"method"')
+        + low.count(b'"params"')
+        + low.count(b'"name"')
+    )
+    expected = 0
+    for m in messages:
+        expected += len(_GATED_KEYS & m.keys())
+        params = m.get("params")
+        expected += isinstance(params, dict) and "name" in params
+    return seen != expected
+
+
+class _Repeated(dict[str, Any]):
+    """A JSON object in which a key occurred more than once."""
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    return obj if len(obj) == len(pairs) else _Repeated(obj)
+
+
+def _reply_id(message: dict[str, Any]) -> RpcId | None:
+    rpc_id = message.get("id")
+    return rpc_id if _valid_id(rpc_id) else None
 
 
 def is_request(message: dict[str, Any]) -> bool:

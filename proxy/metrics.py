@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -32,6 +33,8 @@ LATENCY_BUCKETS = (
     60,
 )
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+# Tool names come from clients: past this many distinct ones, new names count as "other".
+MAX_TOOL_LABELS = 256
 
 
 class Metrics:
@@ -106,6 +109,25 @@ class Metrics:
             if per_tenant
             else None
         )
+        # labels() validates and takes a lock on every call; the hot path reuses children.
+        self._children: dict[tuple[object, ...], Any] = {}
+        self._tools: set[str] = set()
+
+    def child(self, metric: Counter | Histogram, *values: str) -> Any:
+        key = (metric, *values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
+
+    def tool_call(self, tool: str | None, outcome: str) -> None:
+        name = tool or "-"
+        if tool and name not in self._tools:
+            if len(self._tools) >= MAX_TOOL_LABELS:
+                name = "other"
+            else:
+                self._tools.add(name)
+        self.child(self.tool_calls, name, outcome).inc()
 
 
 @dataclass(frozen=True, slots=True)

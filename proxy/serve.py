@@ -8,10 +8,11 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
-from redis.exceptions import RedisError
+from redis.exceptions import MovedError, RedisClusterException
 
 from .app import Components, build_components, create_app
 from .config import Config
+from .store import STORE_ERRORS
 
 log = structlog.get_logger(__name__)
 
@@ -21,6 +22,14 @@ def redacted(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     creds, at, host = rest.rpartition("@")
     return f"{scheme}{sep}***@{host}" if at and creds else url
+
+
+def _cluster_hint(exc: BaseException, *, cluster: bool) -> str:
+    if isinstance(exc, MovedError) and not cluster:
+        return " That node belongs to a Redis Cluster: set redis.cluster: true."
+    if isinstance(exc, RedisClusterException):
+        return f" redis.cluster is true: {exc}"  # e.g. cluster mode is not enabled there
+    return ""
 
 
 async def startup_checks(c: Components) -> None:
@@ -35,12 +44,16 @@ async def startup_checks(c: Components) -> None:
     try:
         async with asyncio.timeout(2.0):
             count = await c.stores.main.scard(c.keys.tenant_index())
-    except (RedisError, OSError, TimeoutError) as exc:
+            # In every master's script cache before the first calls, which would otherwise
+            # all meet NOSCRIPT together.
+            await c.storage.load_scripts()
+    except STORE_ERRORS as exc:
         log.error(
             "tenant_store_unreachable",
             url=redacted(c.config.redis.url),
             error=type(exc).__name__,
-            message="Every MCP request gets 503 until Redis answers. Check REDIS_URL.",
+            message="Every MCP request gets 503 until Redis answers. Check REDIS_URL."
+            + _cluster_hint(exc, cluster=c.config.redis.cluster),
         )
         return
     if count == 0:
@@ -75,6 +88,9 @@ async def run_server(
         access_log=None,
         handler_cancellation=True,
         shutdown_timeout=config.ops.shutdown_grace_s,
+        # aiohttp's default (3630 s) lets a client that never finishes its headers, or never
+        # sends a request, hold a socket for an hour.
+        keepalive_timeout=config.proxy.header_timeout_s,
     )
     await runner.setup()
     site = web.TCPSite(runner, config.listen.host, config.listen.port)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,10 +72,14 @@ class Settler:
 
     async def final(self, call: PendingCall, message: dict[str, Any]) -> tuple[bool, str]:
         """Settle from the final response; returns (charged, outcome). Durable before it
-        returns."""
+        returns.
+
+        Safe to cancel: once the upstream has answered, the settlement must not be cut in half
+        by a client that leaves. A charge is handed to the quota engine and the sink before
+        the first await (the await only waits for durability); a refund is shielded."""
         charge, outcome = billable(message, self._bill_tool_errors)
         if not charge:
-            await self.refund(call)
+            await asyncio.shield(self.refund(call))
             return False, outcome
         if call.reservation is not None:
             self._engine.commit_later(call.reservation)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 
 import structlog
 
 from ..clock import Clock
 from ..config import Plan
+from ..ids import IdSource
 from ..store import StoreGuard, StoreUnavailable
 from .policy import (
     Decision,
@@ -25,6 +25,7 @@ from .storage import ALLOWED, OVER_QUOTA, QuotaStorage, Reservation
 
 log = structlog.get_logger(__name__)
 
+reservation_ids = IdSource()  # a zset member per held call: unique, no syscall each
 COUNTER_RETENTION_S = 40 * 86400  # keep past periods' counters for usage reports
 COMMIT_BATCH = 256
 COMMIT_RETRY_MIN_S = 0.05
@@ -41,6 +42,7 @@ class QuotaEngine:
         *,
         fail_open: bool,
         reservation_ttl_s: int,
+        commit_retry_s: tuple[float, float] = (COMMIT_RETRY_MIN_S, COMMIT_RETRY_MAX_S),
     ) -> None:
         self._storage = storage
         self._guard = guard
@@ -50,6 +52,8 @@ class QuotaEngine:
         self._commits: list[Reservation] = []
         self._month: Period | None = None
         self._committer: asyncio.Task[None] | None = None
+        self._retry_min_s, self._retry_max_s = commit_retry_s
+        self._retry_now = asyncio.Event()  # cuts a commit retry's back-off short
 
     def period(self, period_start: int | None, period_end: int | None) -> Period:
         now = self._clock.time()
@@ -74,7 +78,7 @@ class QuotaEngine:
         res = Reservation(
             tenant_id=tenant_id,
             period_start=period.start,
-            reservation_id=secrets.token_hex(8),
+            reservation_id=reservation_ids.next(),
             cost=cost,
             counter_ttl_ms=max(1, int((period.end + COUNTER_RETENTION_S - now) * 1000)),
         )
@@ -97,6 +101,8 @@ class QuotaEngine:
         except StoreUnavailable:
             outcome = Outcome.DEGRADED if self._fail_open else Outcome.UNAVAILABLE
             return Decision(outcome, plan.name, cost, -1, limit, period), None
+        if self._commits:
+            self._retry_now.set()  # the store answers again: failed commits need not wait
         if result.status == ALLOWED:
             decision = Decision(
                 Outcome.ALLOWED,
@@ -138,7 +144,7 @@ class QuotaEngine:
             )
 
     async def _commit_queued(self) -> None:
-        delay = COMMIT_RETRY_MIN_S
+        delay = self._retry_min_s
         while self._commits:
             batch, self._commits = self._commits[:COMMIT_BATCH], self._commits[COMMIT_BATCH:]
             try:
@@ -148,14 +154,23 @@ class QuotaEngine:
                 # settle script is idempotent, so a half-applied batch may be sent again.
                 self._commits = batch + self._commits
                 log.warning("quota_commit_retry", reservations=len(batch), in_s=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, COMMIT_RETRY_MAX_S)
+                await self._back_off(delay)
+                delay = min(delay * 2, self._retry_max_s)
             else:
-                delay = COMMIT_RETRY_MIN_S
+                delay = self._retry_min_s
+
+    async def _back_off(self, delay: float) -> None:
+        """Wait before retrying, less if a reserve sees the store answer or a flush wants the
+        commits out: a long outage must not leave them waiting out a long back-off."""
+        self._retry_now.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._retry_now.wait()
 
     async def flush(self, limit: float = FLUSH_LIMIT_S) -> None:
         """Wait until every queued commit has been sent (shutdown, tests), at most `limit` s:
         what is left then is refunded by the reservation deadline."""
+        self._retry_now.set()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(limit):
                 while self._committer is not None and not self._committer.done():

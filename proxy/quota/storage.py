@@ -7,17 +7,64 @@ the embedded `memory://` store, where fakeredis runs the identical scripts in-pr
 from __future__ import annotations
 
 import asyncio
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.resources import files
+from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError
 
 from ..keys import KeySpace
 from .pipelined import PipelinedRedis
 
+Arg = str | int
+
 
 def _script(name: str) -> str:
     return files("proxy.quota").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+class Script:
+    """One Lua script run by its SHA1. A node's script cache is empty after a restart or a
+    failover: every call then in flight gets NOSCRIPT, and they all wait for one SCRIPT LOAD
+    (on a cluster it goes to every master) instead of each sending its own."""
+
+    def __init__(self, redis: Redis | RedisCluster, text: str) -> None:
+        self._r = redis
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+        self._loading: asyncio.Task[None] | None = None
+        self._loads = 0  # SCRIPT LOADs finished: a NOSCRIPT older than the last one retries
+
+    async def __call__(self, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
+        loads = self._loads
+        try:
+            return await self._r.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            if loads == self._loads:
+                await self.load()
+            return await self._r.evalsha(self.sha, len(keys), *keys, *args)
+
+    async def load(self) -> None:
+        """SCRIPT LOAD, shared with every caller that asks while one is under way. Shielded:
+        a caller that gives up (its deadline) does not cancel it for the others."""
+        if self._loading is None:
+            self._loading = asyncio.get_running_loop().create_task(
+                self._load(), name="redis-script-load"
+            )
+            self._loading.add_done_callback(self._loaded)
+        await asyncio.shield(self._loading)
+
+    async def _load(self) -> None:
+        await self._r.script_load(self.text)
+
+    def _loaded(self, task: asyncio.Task[None]) -> None:
+        self._loading = None
+        if not task.cancelled() and task.exception() is None:  # seen here if nobody waited
+            self._loads += 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,15 +92,21 @@ class QuotaStorage:
     and for Redis Cluster."""
 
     def __init__(
-        self, redis: Redis, keys: KeySpace, pipelined: PipelinedRedis | None = None
+        self,
+        redis: Redis | RedisCluster,
+        keys: KeySpace,
+        pipelined: PipelinedRedis | None = None,
     ) -> None:
         self._r = redis
         self._k = keys
         self._fast = pipelined
-        self._reserve_text = _script("reserve.lua")
-        self._settle_text = _script("settle.lua")
-        self._reserve = redis.register_script(self._reserve_text)
-        self._settle = redis.register_script(self._settle_text)
+        self._reserve = Script(redis, _script("reserve.lua"))
+        self._settle = Script(redis, _script("settle.lua"))
+
+    async def load_scripts(self) -> None:
+        """Put both scripts in the store's script cache (every master of a cluster), so the
+        first calls after start-up do not all meet NOSCRIPT at once."""
+        await asyncio.gather(self._reserve.load(), self._settle.load())
 
     async def reserve(
         self,
@@ -85,59 +138,47 @@ class QuotaStorage:
             res.period_start,
         ]
         if self._fast is not None:
-            status, used, retry = await self._fast.evalsha(self._reserve_text, keys, args)
+            status, used, retry = await self._fast.evalsha(self._reserve.text, keys, args)
         else:
-            status, used, retry = await self._reserve(keys=keys, args=args)
+            status, used, retry = await self._reserve(keys, args)
         return ReserveResult(int(status), int(used), int(retry))
 
     async def settle(self, res: Reservation, *, commit: bool) -> bool:
         """True when the reservation was still held (False: it had been reaped as overdue)."""
-        t = res.tenant_id
-        held = await self._settle(
-            keys=[self._k.used(t, res.period_start), self._k.reservations(t), self._k.reaped(t)],
-            args=[
-                res.reservation_id,
-                res.cost,
-                "commit" if commit else "refund",
-                res.counter_ttl_ms,
-                res.period_start,
-            ],
-        )
+        held = await self._settle(*self._settle_call(res, "commit" if commit else "refund"))
         return bool(held)
 
     async def commit_many(self, reservations: list[Reservation]) -> None:
-        """Commit several reservations in one round trip (a pipeline of settle scripts)."""
+        """Commit several reservations at once: written together on the pipelined connection
+        or in one redis-py pipeline; on a cluster (whose pipelines refuse EVALSHA) as
+        concurrent scripts, each on its tenant's master (all its keys share one hash slot)."""
+        calls = [self._settle_call(res, "commit") for res in reservations]
         if self._fast is not None:
-            fast = self._fast
-            await asyncio.gather(
-                *(fast.evalsha(self._settle_text, *self._commit_call(res)) for res in reservations)
-            )
+            fast, text = self._fast, self._settle.text
+            await asyncio.gather(*(fast.evalsha(text, keys, args) for keys, args in calls))
             return
-        async with self._r.pipeline(transaction=False) as pipe:
-            for res in reservations:
-                t = res.tenant_id
-                await self._settle(
-                    keys=[
-                        self._k.used(t, res.period_start),
-                        self._k.reservations(t),
-                        self._k.reaped(t),
-                    ],
-                    args=[
-                        res.reservation_id,
-                        res.cost,
-                        "commit",
-                        res.counter_ttl_ms,
-                        res.period_start,
-                    ],
-                    client=pipe,
-                )
+        if isinstance(self._r, RedisCluster):
+            await asyncio.gather(*(self._settle(keys, args) for keys, args in calls))
+            return
+        try:
+            await self._pipelined(self._r, calls)
+        except NoScriptError:
+            # The whole pipeline ran and the settle script is idempotent: load it and send
+            # the batch again.
+            await self._settle.load()
+            await self._pipelined(self._r, calls)
+
+    async def _pipelined(self, redis: Redis, calls: list[tuple[list[Arg], list[Arg]]]) -> None:
+        async with redis.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.evalsha(self._settle.sha, len(keys), *keys, *args)
             await pipe.execute()
 
-    def _commit_call(self, res: Reservation) -> tuple[list[str | int], list[str | int]]:
+    def _settle_call(self, res: Reservation, action: str) -> tuple[list[Arg], list[Arg]]:
         t = res.tenant_id
         return (
             [self._k.used(t, res.period_start), self._k.reservations(t), self._k.reaped(t)],
-            [res.reservation_id, res.cost, "commit", res.counter_ttl_ms, res.period_start],
+            [res.reservation_id, res.cost, action, res.counter_ttl_ms, res.period_start],
         )
 
     async def used(self, tenant_id: str, period_start: int) -> int:

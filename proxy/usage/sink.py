@@ -26,7 +26,9 @@ class UsageEvent:
 
 class UsageSink(Protocol):
     async def append(self, event: UsageEvent) -> None:
-        """Return only once the event is durable: the caller then releases the result."""
+        """Return only once the event is durable: the caller then releases the result.
+        The event must be taken before the first await, so that cancelling the caller while
+        it waits never loses it (the settler relies on this)."""
 
 
 class MemorySink:

@@ -184,9 +184,10 @@ def code_version() -> str:
         done = subprocess.run(
             ["git", *argv], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
         )
-        return done.stdout.strip()
+        return done.stdout
 
-    head = git("rev-parse", "--short", "HEAD") or "?"
+    head = git("rev-parse", "--short", "HEAD").strip() or "?"
+    # Porcelain lines are "XY path": the status columns may be blank, so no strip() before.
     dirty = [line[3:] for line in git("status", "--porcelain", "--", "proxy").splitlines()]
     return f"{head}" + (f" + uncommitted changes in {', '.join(dirty)}" if dirty else " (clean)")
 

@@ -16,18 +16,20 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from proxy.breaker import BreakerState
+from proxy.breaker import BreakerState, CircuitBreaker
 from proxy.clock import SystemClock
 from proxy.config import Plan
 from proxy.keys import KeySpace
 from proxy.quota.engine import COUNTER_RETENTION_S, QuotaEngine
 from proxy.quota.policy import Decision, Outcome, Period, calendar_month
-from proxy.quota.storage import Reservation
-from proxy.store import StoreUnavailable
+from proxy.quota.storage import QuotaStorage, Reservation
+from proxy.store import StoreGuard, StoreUnavailable
 from tests.contract.conftest import (
     BREAKER_COOLDOWN_S,
     BREAKER_FAILURES,
+    GUARD_TIMEOUT_S,
     Rig,
     aligned_clock,
     build_engine,
@@ -494,6 +496,53 @@ async def test_reaping_refunds_into_the_reservations_own_period(rig: Rig) -> Non
     assert (d.used, await storage.used(TENANT, new.start)) == (2, 2)
 
 
+async def test_an_orphan_of_an_earlier_period_is_refunded_into_that_period(rig: Rig) -> None:
+    """The tenant's period moved (a webhook put it on its subscription period) while a call
+    of the old one was held by a dead replica: a reserve in the new period reaps the orphan
+    and gives its units back to the old period, which nothing may reserve in again."""
+    engine, storage = rig.engine_with(reservation_ttl_s=60)
+    plan = make_plan(included=5, weights={"big": 3})
+    old = engine.period(None, None)
+    new = Period(old.end, old.end + 30 * 86400)
+    d, r = await reserve(engine, plan, old)
+    await engine.settle(assert_allowed(d, r, used=1, limit=5), commit=True)
+    d, r = await reserve(engine, plan, old, tool="big")
+    dead_big = assert_allowed(d, r, used=4, limit=5, cost=3)
+    d, r = await reserve(engine, plan, old)
+    dead_small = assert_allowed(d, r, used=5, limit=5)
+    rig.clock.advance(61)
+    d, r = await reserve(engine, plan, new)
+    live = assert_allowed(d, r, used=1, limit=5)
+    assert await storage.used(TENANT, old.start) == 1  # only the committed call
+    assert await storage.held(TENANT) == 1  # only the live one
+    # A late commit charges the orphan again in its own period, once; a late refund of the
+    # other does nothing (the reaper gave it back already).
+    assert await storage.settle(dead_small, commit=True) is False
+    assert await storage.settle(dead_small, commit=True) is False
+    assert await storage.settle(dead_big, commit=False) is False
+    assert await storage.used(TENANT, old.start) == 2
+    assert await storage.used(TENANT, new.start) == 1
+    await engine.settle(live, commit=True)
+    assert (await storage.used(TENANT, new.start), await storage.held(TENANT)) == (1, 0)
+
+
+async def test_reaping_an_orphan_whose_counter_expired_creates_nothing(rig: Rig) -> None:
+    """A period's counter outlives the period by the retention only: an orphan reaped after
+    that has no counter to give back to, and must not leave a negative one behind."""
+    engine, storage = rig.engine_with(reservation_ttl_s=60)
+    plan = make_plan(included=5)
+    old = engine.period(None, None)
+    new = Period(old.end, old.end + 30 * 86400)
+    d, r = await reserve(engine, plan, old)
+    assert_allowed(d, r, used=1, limit=5)
+    await rig.client.delete(rig.keys.used(TENANT, old.start))  # as if expired
+    rig.clock.advance(61)
+    d, r = await reserve(engine, plan, new)
+    assert_allowed(d, r, used=1, limit=5)
+    assert not await rig.client.exists(rig.keys.used(TENANT, old.start))
+    assert await storage.held(TENANT) == 1
+
+
 # 8. Periods ------------------------------------------------------------------------------
 
 
@@ -694,3 +743,90 @@ async def test_batched_commits_release_reservations_without_recounting(rig: Rig)
     rig.engine.commit_later(held[0])
     await rig.engine.flush()
     assert await rig.storage.used(TENANT, period.start) == 3
+
+
+class FlakyCommits(QuotaStorage):
+    """Commits fail while `down` is set, as when the store went away after the reserve.
+
+    Once up, each commit goes as its own settle script: what is tested is the engine's retry,
+    not the batch transport (test_batched_commits_release_reservations_without_recounting)."""
+
+    down = True
+
+    def __init__(self, rig: Rig) -> None:
+        super().__init__(rig.client, rig.keys, rig.pipelined)
+        self.failed = asyncio.Event()
+        self.landed = asyncio.Event()
+
+    async def commit_many(self, reservations: list[Reservation]) -> None:
+        if self.down:
+            self.failed.set()
+            raise RedisConnectionError("the store is away")
+        for res in reservations:
+            await self.settle(res, commit=True)
+        self.landed.set()
+
+
+def flaky_engine(rig: Rig) -> tuple[QuotaEngine, FlakyCommits]:
+    """An engine whose failed commits back off for 30 s: within a test, only a wake-up (a
+    reserve that reaches the store, a flush) can make them land."""
+    storage = FlakyCommits(rig)
+    guard = StoreGuard(
+        CircuitBreaker(BREAKER_FAILURES, BREAKER_COOLDOWN_S, rig.clock.monotonic),
+        timeout=GUARD_TIMEOUT_S,
+    )
+    engine = QuotaEngine(
+        storage,
+        guard,
+        rig.clock,
+        fail_open=True,
+        reservation_ttl_s=60,
+        commit_retry_s=(30.0, 30.0),
+    )
+    return engine, storage
+
+
+async def test_a_failed_commit_is_retried_when_the_store_answers_again(rig: Rig) -> None:
+    engine, storage = flaky_engine(rig)
+    plan = make_plan(included=10)
+    period = engine.period(None, None)
+    d, r = await reserve(engine, plan, period)
+    engine.commit_later(assert_allowed(d, r, used=1, limit=10))
+    await asyncio.wait_for(storage.failed.wait(), 2)
+    assert await storage.held(TENANT) == 1  # kept, not dropped
+
+    storage.down = False
+    d, r = await reserve(engine, plan, period)  # the store answers: the retry goes now
+    live = assert_allowed(d, r, used=2, limit=10)
+    await asyncio.wait_for(storage.landed.wait(), 2)
+    assert await storage.held(TENANT) == 1  # only the live call
+    assert await storage.used(TENANT, period.start) == 2  # committed units stay counted, once
+
+    storage.down, storage.failed, storage.landed = True, asyncio.Event(), asyncio.Event()
+    engine.commit_later(live)
+    await asyncio.wait_for(storage.failed.wait(), 2)
+    storage.down = False
+    await engine.flush(limit=2)  # shutdown does not wait out the back-off either
+    assert storage.landed.is_set()
+    assert (await storage.held(TENANT), await storage.used(TENANT, period.start)) == (0, 2)
+
+
+async def test_a_commit_retried_after_its_deadline_is_charged_once(rig: Rig) -> None:
+    """The outage outlasted the reservation: the reaper gave its units back, so the retried
+    commit charges them again, exactly once (the call was made and billed)."""
+    engine, storage = flaky_engine(rig)
+    plan = make_plan(included=10)
+    period = engine.period(None, None)
+    d, r = await reserve(engine, plan, period)
+    engine.commit_later(assert_allowed(d, r, used=1, limit=10))
+    await asyncio.wait_for(storage.failed.wait(), 2)
+    rig.clock.advance(61)
+    storage.down = False
+    d, r = await reserve(engine, plan, period)  # reaps the first (refund), then wakes the retry
+    live = assert_allowed(d, r, used=1, limit=10)
+    await asyncio.wait_for(storage.landed.wait(), 2)
+    assert await storage.used(TENANT, period.start) == 2
+    engine.commit_later(live)
+    engine.commit_later(live)
+    await engine.flush(limit=2)
+    assert (await storage.held(TENANT), await storage.used(TENANT, period.start)) == (0, 2)

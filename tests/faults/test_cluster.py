@@ -1,69 +1,89 @@
-"""The quota contract on a real 3-master Redis Cluster (loopback, no replicas).
+"""The quota contract, and `serve`, on a real 3-master Redis Cluster (loopback, no replicas).
 
 1. Every test of tests/contract/test_quota_contract.py that runs on a `rig` runs here
    unchanged, with the rig's client a `redis.asyncio.cluster.RedisCluster`: block, exactness,
    refunds, idempotency, weights, overage, GCRA, reaping, periods, expiry, hash tags, batched
-   commits.
+   commits (concurrent settle scripts: a cluster pipeline refuses EVALSHA).
 2. Tenants chosen so their hash tags land on all three masters (checked against the servers'
    own CLUSTER KEYSLOT and CLUSTER NODES, and by reading each key on the node that owns it):
-   concurrent exactness per tenant, every operation on every node, no CROSSSLOT error.
-3. The gaps, as strict xfails (they turn into failures, so the marks go, once fixed):
-   - batched commits (`QuotaStorage.commit_many`) use a pipeline of EVALSHA, which redis-py's
-     ClusterPipeline refuses (`RedisClusterException`, not a `RedisError`, so the StoreGuard
-     does not catch it either);
-   - `proxy.store.connect` only builds a plain `Redis` client: `serve` cannot use a cluster.
+   concurrent exactness per tenant, every operation on every node, no CROSSSLOT error, and an
+   emptied script cache under load (one SCRIPT LOAD per master, shared by every caller).
+3. What `serve` builds with `redis.cluster: true` (`proxy.store.connect`): a cluster client
+   whose callers queue for a connection, cluster errors counted by the StoreGuard, scripts
+   loaded on every master at start-up, cache invalidations heard through one node, and a real
+   `serve` process making tool calls end to end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import inspect
+import itertools
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import redis
+import structlog
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import MovedError, RedisClusterException
+from redis.exceptions import MaxConnectionsError, MovedError
 
-from proxy.breaker import BreakerState
+from proxy.app import build_components
+from proxy.breaker import BreakerState, CircuitBreaker
 from proxy.clock import ManualClock
-from proxy.config import parse_config
+from proxy.config import Config, parse_config
+from proxy.directory import Directory
 from proxy.keys import KeySpace
 from proxy.quota.engine import QuotaEngine
-from proxy.quota.policy import Outcome, Period
+from proxy.quota.policy import Outcome, Period, calendar_month
 from proxy.quota.storage import Reservation
-from proxy.store import connect
+from proxy.serve import startup_checks
+from proxy.store import QueuedRedisCluster, StoreGuard, StoreUnavailable, connect
+from proxy.tenants import TenantStore
+from proxy.usage.sink import MemorySink
 from tests.conftest import PEPPER
 from tests.contract import test_quota_contract as contract
 from tests.contract.conftest import Rig, aligned_clock, build_engine, make_plan
-from tests.faults.conftest import free_ports, need, wait_for
+from tests.fakes.stripe_fake import StripeFake
+from tests.fakes.upstream import ScriptedUpstream
+from tests.faults.conftest import (
+    ServeFactory,
+    free_ports,
+    need,
+    serve_config,
+    serve_env,
+    spool_rows,
+    tool_call,
+    until,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(240)]
 
 SLOTS = 16384
-GAP_PIPELINE = (
-    "GAP: QuotaStorage.commit_many pipelines EVALSHA; redis-py's ClusterPipeline blocks "
-    "EVALSHA (PIPELINE_BLOCKED_COMMANDS) and raises RedisClusterException, which StoreGuard "
-    "does not catch"
-)
-GAP_COLD_SCRIPTS = (
-    "GAP: on NOSCRIPT every concurrent caller SCRIPT LOADs (fanned out to all masters): "
-    "MaxConnectionsError, calls refused or degraded; preload at start-up and single-flight it"
-)
-GAP_CONNECT = (
-    "GAP: no redis.cluster setting; proxy.store.connect builds redis.asyncio.Redis only, and a "
-    "cluster node answers MOVED for every tenant whose slot another master owns"
-)
+ENV = {"MQP_KEY_PEPPER": PEPPER}
+
+
+def _sha(name: str) -> str:
+    text = files("proxy.quota").joinpath("lua", name).read_text(encoding="utf-8")
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+QUOTA_SCRIPTS = (_sha("reserve.lua"), _sha("settle.lua"))
 
 
 # --- the cluster --------------------------------------------------------------------------------
@@ -81,12 +101,12 @@ class Cluster:
     def info(self, port: int) -> dict[str, str]:
         client = self.node(port)
         try:
-            text = str(client.execute_command("CLUSTER", "INFO"))
+            info = client.cluster("INFO")
         except redis.RedisError:
             return {}
         finally:
             client.close()
-        return dict(line.split(":", 1) for line in text.split() if ":" in line)
+        return {str(k): str(v) for k, v in info.items()}
 
     def healthy(self) -> bool:
         for port in self.ports:
@@ -101,7 +121,7 @@ class Cluster:
         """slot -> owning master's port, from CLUSTER SLOTS on the first node."""
         client = self.node(self.ports[0])
         try:
-            ranges = client.execute_command("CLUSTER", "SLOTS")
+            ranges = client.cluster("SLOTS")
         finally:
             client.close()
         out: dict[int, int] = {}
@@ -114,9 +134,45 @@ class Cluster:
     def server_keyslot(self, key: str) -> int:
         client = self.node(self.ports[1])
         try:
-            return int(client.execute_command("CLUSTER", "KEYSLOT", key))
+            return int(client.cluster("KEYSLOT", key))
         finally:
             client.close()
+
+    @property
+    def seed(self) -> str:
+        """The URL an operator would give: one node; the client finds the others."""
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def cold_scripts(self) -> None:
+        """Empty every master's script cache (as after a restart or failover) and reset its
+        command counters. This module's own cluster: nothing else is touched."""
+        for port in self.ports:
+            node = self.node(port)
+            try:
+                node.script_flush()
+                node.config_resetstat()
+            finally:
+                node.close()
+
+    def script_loads(self, port: int) -> int:
+        """SCRIPT LOAD commands the node ran since `cold_scripts`."""
+        node = self.node(port)
+        try:
+            stats = node.info("commandstats")
+        finally:
+            node.close()
+        return int(stats.get("cmdstat_script|load", {}).get("calls", 0))
+
+    def scripts_cached(self, shas: tuple[str, ...]) -> bool:
+        """Every master holds every script."""
+        for port in self.ports:
+            node = self.node(port)
+            try:
+                if not all(node.script_exists(*shas)):
+                    return False
+            finally:
+                node.close()
+        return True
 
 
 def _start_cluster(workdir: Path) -> Cluster:
@@ -278,14 +334,7 @@ CONTRACT_ON_RIG = sorted(
     and "rig" in inspect.signature(fn).parameters
 )
 for _name in CONTRACT_ON_RIG:
-    _copy = _on_cluster(getattr(contract, _name))
-    if _name == "test_batched_commits_release_reservations_without_recounting":
-        # flush() raises the committer's error, or (if that task had already died unseen)
-        # returns with the reservations still held: either way the commits never happen.
-        _copy = pytest.mark.xfail(
-            strict=True, raises=(RedisClusterException, AssertionError), reason=GAP_PIPELINE
-        )(_copy)
-    globals()[_name] = _copy
+    globals()[_name] = _on_cluster(getattr(contract, _name))
 
 
 def test_the_whole_contract_is_run_here() -> None:
@@ -334,7 +383,8 @@ async def test_tenants_spread_over_all_three_masters(
                 assert cluster.server_keyslot(key) == slot == client.keyslot(key)
                 assert await client.cluster_keyslot(key) == slot
                 # ... and that slot's master is the node this tenant was picked for.
-                assert client.get_node_from_key(key).port == port
+                node = client.get_node_from_key(key)
+                assert node is not None and node.port == port
     assert len({t for ts in spread.values() for t in ts}) == 9
 
 
@@ -367,8 +417,8 @@ async def test_exactly_the_limit_per_tenant_with_tenants_on_every_node(
 
 
 async def warm_scripts(engine: QuotaEngine, prefix: str) -> None:
-    """One reserve and refund: the NOSCRIPT fallback SCRIPT LOADs both scripts on every
-    master (what a start-up preload would do; see test_cold_script_cache_under_load)."""
+    """One reserve and refund: a cold script cache is loaded (on every master) and the
+    cluster client has found its nodes before the burst."""
     plan = make_plan(included=None)
     period = engine.period(None, None)
     decision, res = await engine.reserve("warm-up", plan, period, 1, None)
@@ -477,19 +527,14 @@ async def test_every_quota_operation_on_every_master(
     assert guard.state is BreakerState.CLOSED
 
 
-@pytest.mark.xfail(strict=True, reason=GAP_COLD_SCRIPTS)
 async def test_cold_script_cache_under_load(
     cluster: Cluster, client: RedisCluster, prefix: str
 ) -> None:
     """A master's script cache is empty after a restart or a failover. 240 concurrent
-    reserves (6 tenants, 80 per master) then each get NOSCRIPT, and each fallback SCRIPT LOAD
-    fans out to all three masters: 240 concurrent commands per node on a 100-connection pool."""
-    for port in cluster.ports:  # this test's own cluster: only the script cache is flushed
-        node = cluster.node(port)
-        try:
-            node.script_flush()
-        finally:
-            node.close()
+    reserves (6 tenants, 80 per master) then each get NOSCRIPT. Were each to SCRIPT LOAD on
+    its own (it goes to all three masters), that would be 240 concurrent commands per node on
+    a 100-connection pool: they share one load instead, and every figure stays exact."""
+    cluster.cold_scripts()
     spread = spread_tenants(cluster, per_node=2)
     tenants = [t for ts in spread.values() for t in ts]
     engine, _, guard = build_engine(client, prefix, aligned_clock(), fail_open=False)  # type: ignore[arg-type]
@@ -501,9 +546,9 @@ async def test_cold_script_cache_under_load(
     outcomes = Counter(d.outcome for d, _ in results)
     assert outcomes == {Outcome.ALLOWED: 30, Outcome.REFUSED_QUOTA: 210}, outcomes
     assert guard.state is BreakerState.CLOSED
+    assert [cluster.script_loads(port) for port in cluster.ports] == [1, 1, 1]
 
 
-@pytest.mark.xfail(strict=True, raises=(RedisClusterException, AssertionError), reason=GAP_PIPELINE)
 async def test_batched_commits_across_masters(
     cluster: Cluster, client: RedisCluster, prefix: str
 ) -> None:
@@ -523,22 +568,22 @@ async def test_batched_commits_across_masters(
         assert await storage.used(tenant, period.start) == 3
 
 
-@pytest.mark.xfail(strict=True, reason=GAP_CONNECT)
-async def test_serve_store_clients_on_a_cluster(cluster: Cluster, prefix: str) -> None:
-    """What `serve` builds from its config, pointed at one node of the cluster. Today
-    `redis.cluster` is an unknown key; without it `connect` returns a plain client, which
-    the node answers MOVED for every tenant another master owns (fail open: DEGRADED)."""
-    config = parse_config(
-        {
-            "redis": {
-                "url": f"redis://127.0.0.1:{cluster.ports[0]}/0",
-                "key_prefix": prefix,
-                "cluster": True,
-            }
-        },
-        {"MQP_KEY_PEPPER": PEPPER},
+def cluster_config(cluster: Cluster, prefix: str, **redis: Any) -> Config:
+    return parse_config(
+        {"redis": {"url": cluster.seed, "key_prefix": prefix, "cluster": True, **redis}}, ENV
     )
+
+
+async def test_serve_store_clients_on_a_cluster(cluster: Cluster, prefix: str) -> None:
+    """What `serve` builds from its config, pointed at one node of the cluster: a cluster
+    client (a plain one would get MOVED for every tenant another master owns), no pipelined
+    connection (it speaks to one node), and a listener on the seed node."""
+    config = cluster_config(cluster, prefix)
     stores = connect(config.redis)
+    assert isinstance(stores.main, RedisCluster)
+    assert stores.quota is None
+    assert not isinstance(stores.listener, RedisCluster)
+    assert stores.listener.get_connection_kwargs()["port"] == cluster.ports[0]
     try:
         engine, storage, guard = build_engine(stores.main, prefix, aligned_clock(), fail_open=False)
         plan = make_plan(included=5)
@@ -558,3 +603,236 @@ async def test_serve_store_clients_on_a_cluster(cluster: Cluster, prefix: str) -
         assert await stores.main.scard(KeySpace(prefix).tenant_index()) == 0  # startup_checks
     finally:
         await stores.close()
+
+
+# --- 3. what serve builds on a cluster --------------------------------------------------------
+
+
+async def test_cluster_errors_are_store_failures_to_the_guard() -> None:
+    """No node answers: redis-py raises RedisClusterUnreachableError, which is not a
+    RedisError. The guard turns it into StoreUnavailable and counts it towards the breaker."""
+    (port,) = free_ports(1)  # nothing listens there
+    config = parse_config(
+        {"redis": {"url": f"redis://127.0.0.1:{port}/0", "cluster": True, "timeout_ms": 200}},
+        ENV,
+    )
+    stores = connect(config.redis)
+    clock = ManualClock()
+    guard = StoreGuard(CircuitBreaker(2, 60.0, clock.monotonic), timeout=2.0)
+    try:
+        for _ in range(2):
+            with pytest.raises(StoreUnavailable, match="RedisClusterUnreachableError"):
+                await guard.run(lambda: stores.main.get("mqp:anything"))
+        assert guard.state is BreakerState.OPEN
+        with pytest.raises(StoreUnavailable, match="circuit open"):
+            await guard.run(lambda: stores.main.get("mqp:anything"))
+    finally:
+        await stores.close()
+
+
+async def test_a_burst_beyond_the_pool_waits_for_a_connection(
+    cluster: Cluster, prefix: str
+) -> None:
+    """redis-py's cluster pool raises MaxConnectionsError past `max_connections` per node;
+    the client `connect` builds makes the burst wait its turn instead (the guard's deadline
+    still bounds the wait), as the single-node BlockingConnectionPool does."""
+    owner = cluster.owners()[key_slot(b"burst")]
+    key = KeySpace(prefix).used("burst", 0)  # one tenant: one master takes the whole burst
+    plain = RedisCluster(host="127.0.0.1", port=owner, decode_responses=True, max_connections=4)
+    queued = QueuedRedisCluster(
+        host="127.0.0.1", port=owner, decode_responses=True, max_connections=4
+    )
+    try:
+        raced = await asyncio.gather(*(plain.incr(key) for _ in range(50)), return_exceptions=True)
+        failed = [r for r in raced if isinstance(r, BaseException)]
+        assert failed and all(isinstance(r, MaxConnectionsError) for r in failed), raced
+        before = int(await queued.get(key) or 0)
+        assert before == 50 - len(failed)
+        counts = await asyncio.gather(*(queued.incr(key) for _ in range(50)))
+        assert sorted(counts) == list(range(before + 1, before + 51))
+        node = queued.get_node_from_key(key)
+        assert node is not None and len(node._connections) <= 4  # never more opened
+    finally:
+        await plain.aclose()
+        await queued.aclose()
+
+
+async def test_startup_loads_both_scripts_on_every_master(cluster: Cluster, prefix: str) -> None:
+    cluster.cold_scripts()
+    assert not cluster.scripts_cached(QUOTA_SCRIPTS)
+    c = build_components(cluster_config(cluster, prefix), sink=MemorySink())
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await startup_checks(c)
+    finally:
+        await c.stores.close()
+    assert [e["event"] for e in logs] == ["tenant_store_empty"], logs  # reached, no error
+    assert cluster.scripts_cached(QUOTA_SCRIPTS)
+
+
+async def test_a_single_node_config_on_a_cluster_node_says_what_to_set(
+    cluster: Cluster, prefix: str
+) -> None:
+    """Without `redis.cluster: true`, a cluster node answers MOVED for the slots it does not
+    own; start-up says which setting is missing instead of only "unreachable"."""
+    index = KeySpace(prefix).tenant_index()
+    other = next(p for p in cluster.ports if p != cluster.owners()[key_slot(index.encode())])
+    config = parse_config(
+        {"redis": {"url": f"redis://127.0.0.1:{other}/0", "key_prefix": prefix}}, ENV
+    )
+    c = build_components(config, sink=MemorySink())
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await startup_checks(c)
+    finally:
+        await c.stores.close()
+    (event,) = logs
+    assert (event["event"], event["error"]) == ("tenant_store_unreachable", "MovedError")
+    assert "set redis.cluster: true" in event["message"]
+
+
+async def make_tenants(
+    cluster: Cluster, prefix: str, tenants: list[str], plan: str
+) -> dict[str, str]:
+    """Create the tenants and one key each through the TenantStore the CLI uses, on the
+    cluster; tenant -> key."""
+    stores = connect(cluster_config(cluster, prefix, timeout_ms=2000).redis)
+    try:
+        admin = TenantStore(stores.main, KeySpace(prefix), PEPPER, "mqp_")
+        keys = {}
+        for tenant in tenants:
+            await admin.create(tenant, name=None, plan=plan, stripe_customer=None, now=0)
+            keys[tenant], _ = await admin.issue_key(tenant, label="cluster", now=0)
+        return keys
+    finally:
+        await stores.close()
+
+
+async def test_webhook_changes_reach_a_directory_listening_on_one_node(
+    cluster: Cluster, prefix: str
+) -> None:
+    """The Directory trusts its cache while it is subscribed; on a cluster it subscribes
+    through a plain connection to the seed node. The webhook script (apply_event.lua) runs on
+    each tenant's own master and PUBLISHes there: the cluster bus carries it to the seed node,
+    so every cached tenant, whichever master holds it, sees its new plan."""
+    tenants = [ids[0] for ids in spread_tenants(cluster, per_node=1).values()]
+    keys = await make_tenants(cluster, prefix, tenants, plan="small")
+    space = KeySpace(prefix)
+    stores = connect(cluster_config(cluster, prefix, timeout_ms=2000).redis)
+    clock = ManualClock()
+    guard = StoreGuard(CircuitBreaker(3, 5.0, clock.monotonic), timeout=2.0)
+    directory = Directory(stores.main, stores.listener, space, PEPPER, guard)
+    await directory.start()
+    try:
+        assert directory.live
+        for tenant in tenants:
+            found, degraded = await directory.authenticate(keys[tenant])
+            assert found is not None and (found.plan, degraded) == ("small", False)
+        script = files("proxy.billing").joinpath("lua", "apply_event.lua").read_text("utf-8")
+        apply_event = stores.main.register_script(script)
+        for tenant in tenants:
+            event = f"evt_{tenant}"
+            # event id, created, subscription, terminal, mode, ledger TTL, channel; tenant
+            args: list[str | int] = [event, 1, "", 0, "subscription", 60, space.invalidations()]
+            result = await apply_event(
+                keys=[space.tenant(tenant), space.webhook_event(tenant, event)],
+                args=[*args, tenant, "plan", "large", "status", "active"],
+            )
+            assert result == "applied"
+
+        async def all_upgraded() -> bool:
+            for tenant in tenants:
+                found, _ = await directory.authenticate(keys[tenant])
+                if found is None or found.plan != "large":
+                    return False
+            return True
+
+        await until(all_upgraded, 5, "every cached tenant to see its new plan")
+        assert directory.live
+    finally:
+        await directory.stop()
+        await stores.close()
+
+
+async def test_serve_on_the_cluster_end_to_end(
+    cluster: Cluster,
+    prefix: str,
+    serves: ServeFactory,
+    scripted: tuple[ScriptedUpstream, str],
+    stripe_fake: StripeFake,
+) -> None:
+    """A real `python -m proxy serve` with `redis.cluster: true`, seeded with one node, one
+    tenant on each master, `fail_mode: closed` (a store error would refuse, never admit):
+    start-up loads the scripts on every master; exactly the limit succeeds per tenant; every
+    reservation is released; a plan changed by the CLI (another process) is enforced."""
+    upstream, upstream_url = scripted
+    tenants = [ids[0] for ids in spread_tenants(cluster, per_node=1).values()]
+    keys = await make_tenants(cluster, prefix, tenants, plan="small")
+    cluster.cold_scripts()
+    config = serve_config(
+        upstream_url=upstream_url,
+        key_prefix=prefix,
+        plans={"small": {"included_units": 3}, "large": {"included_units": 6}},
+        redis_section={"cluster": True, "timeout_ms": 2000, "fail_mode": "closed"},
+    )
+    proxy = serves("cluster", config, serve_env(cluster.seed, stripe_fake))
+    proxy.start()
+    rids = itertools.count()
+    owner: dict[str, str] = {}
+
+    async def call(http: aiohttp.ClientSession, tenant: str) -> Any:
+        rid = f"r{next(rids)}"
+        owner[rid] = tenant
+        return await tool_call(http, proxy.url, keys[tenant], rid)
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        await proxy.ready(http)
+        await until(lambda: cluster.scripts_cached(QUOTA_SCRIPTS), 10, "scripts on every master")
+        assert (await proxy.readyz(http))["components"]["redis"] == "ok"
+
+        replies = await asyncio.gather(*(call(http, t) for t in tenants for _ in range(5)))
+        for tenant in tenants:
+            mine = [r for r in replies if owner[r.rid] == tenant]
+            assert (sum(r.ok for r in mine), sum(r.refused for r in mine)) == (3, 2), [
+                (r.status, r.doc, r.error) for r in mine
+            ]
+        storage_keys = KeySpace(prefix)
+        rc = RedisCluster(host="127.0.0.1", port=cluster.ports[0], decode_responses=True)
+        try:
+
+            async def released() -> bool:
+                held = [await rc.zcard(storage_keys.reservations(t)) for t in tenants]
+                return held == [0, 0, 0]
+
+            await until(released, 10, "the batched commits to release every reservation")
+            period_start = calendar_month(time.time()).start  # the tenants have no Stripe period
+            for tenant in tenants:
+                assert await rc.get(storage_keys.used(tenant, period_start)) == "3"
+        finally:
+            await rc.aclose()
+
+        upgraded = tenants[1]
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "tenant", "set-plan", upgraded, "large",
+            cwd=proxy.dir, env=proxy.env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await cli.communicate()
+        assert cli.returncode == 0, err.decode()
+        assert "is now on plan large" in out.decode()
+        await until(lambda: _ok(call(http, upgraded)), 5, "serve to enforce the new plan")
+        assert (await call(http, tenants[0])).refused  # the others keep theirs
+
+    assert await proxy.stop() == 0
+    ok = {r.rid for r in replies if r.ok}
+    rows = spool_rows(proxy.spool)
+    assert len(rows) == len(ok) + 1 and ok < {r.request_id for r in rows}
+    assert not any(r.degraded for r in rows)
+    assert len(upstream.calls()) == len(rows)  # refusals never reach the upstream
+    events = Counter(e.get("event") for e in proxy.logs())
+    for bad in ("tenant_store_unreachable", "quota_commit_retry", "quota_settle_failed"):
+        assert events[bad] == 0, events
+
+
+async def _ok(reply: Coroutine[Any, Any, Any]) -> bool:
+    return bool((await reply).ok)

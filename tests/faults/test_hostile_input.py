@@ -7,14 +7,13 @@ gated call is settled exactly once when its result passed through, refunded othe
 
 The property tests are synchronous functions that drive one event loop of their own
 (`LoopHarness`): one proxy and one upstream serve every example, and each example checks the
-deltas it caused. Bugs and gaps are strict xfails whose reason names the cause and the fix.
+deltas it caused. Each bug found here has a test that pins its fix.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import json
 import logging
@@ -35,7 +34,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from proxy.config import Config, ProxyConfig
+from proxy.config import Config
 from proxy.serve import run_server
 from tests.conftest import ConfigFactory
 from tests.proxy_harness import RunningProxy, run_proxy
@@ -649,14 +648,6 @@ async def test_client_tenant_headers_in_any_case_are_replaced_by_the_authenticat
     assert len(up.got) == len(spoofs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GAP: proxy/headers.py upstream_request_headers drops only the exact tenant header "
-    "name; X_MCP_Tenant (underscores) is forwarded. CGI/WSGI-style servers map both "
-    "X-MCP-Tenant and X_MCP_Tenant to HTTP_X_MCP_TENANT, so the client's value can shadow the "
-    "proxy's. Fix: also drop any header whose name, lower-cased with '_' read as '-', equals the "
-    "tenant header (or drop every header name containing '_').",
-)
 async def test_underscore_spelling_of_the_tenant_header_is_not_forwarded(
     make_config: ConfigFactory, upstream: tuple[HostileUpstream, str]
 ) -> None:
@@ -674,6 +665,33 @@ async def test_underscore_spelling_of_the_tenant_header_is_not_forwarded(
     assert normalised == [TENANT], got.headers
 
 
+async def test_a_cookie_the_upstream_sets_for_one_tenant_never_reaches_another(
+    make_config: ConfigFactory, upstream: tuple[HostileUpstream, str]
+) -> None:
+    """The proxy's one upstream session serves every tenant: it must keep no cookie jar."""
+    up, url = upstream
+
+    async def set_cookie(request: web.Request, body: bytes) -> web.StreamResponse:
+        reply = await answer_jsonrpc(request, body)
+        reply.headers.add("Set-Cookie", "upstream_session=first-tenant; Path=/")
+        return reply
+
+    up.behaviour = set_cookie
+    # By a host name: aiohttp's cookie jar ignores cookies from IP addresses.
+    by_name = url.replace("127.0.0.1", "localhost")
+    async with proxy_for(make_config, by_name) as (proxy, key), aiohttp.ClientSession() as http:
+        other = await proxy.tenant_with_key("other-tenant")
+        async with http.post(proxy.url, data=tools_call(1), headers=bearer(key)) as r:
+            assert r.status == 200
+            # Passed on to the client it was meant for, as the upstream sent it.
+            assert r.headers.getall("Set-Cookie") == ["upstream_session=first-tenant; Path=/"]
+        http.cookie_jar.clear()  # the client keeps no cookie either: only the proxy could leak
+        async with http.post(proxy.url, data=tools_call(2), headers=bearer(other)) as r:
+            assert r.status == 200
+    assert len(up.got) == 2
+    assert [k for k, _ in up.got[1].headers if k.lower() == "cookie"] == [], up.got[1].headers
+
+
 # --- 3. invalid bytes in headers and bodies (raw sockets) -------------------------------------
 
 
@@ -689,13 +707,6 @@ async def test_a_key_that_is_not_utf8_is_401_not_500(
     assert up.got == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: proxy/forward.py:132 passes Mcp-Session-Id straight to Sessions.owner; a value "
-    "that is not valid UTF-8 (surrogateescape-decoded by aiohttp) makes the Redis encoder raise "
-    "UnicodeEncodeError: 500. Fix: in McpProxy._handle, answer 400 (INVALID_REQUEST) unless the "
-    "session id is 1-256 visible ASCII characters (0x21-0x7E, as MCP requires) before any lookup.",
-)
 async def test_a_session_id_that_is_not_utf8_is_4xx_not_500(
     make_config: ConfigFactory, upstream: tuple[HostileUpstream, str]
 ) -> None:
@@ -833,15 +844,6 @@ def _view(doc: dict[str, Any]) -> tuple[object, object]:
     return doc.get("method"), params.get("name") if isinstance(params, dict) else None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: proxy/forward.py forwards the client's raw body after gating orjson's reading "
-    "of it (duplicate keys: last wins, keys case-sensitive). Upstreams that read JSON otherwise "
-    "(Go encoding/json v1 matches keys case-insensitively; first-wins parsers) run a different "
-    "method or tool than the one gated: ungated (free) tools/call and hidden-tool bypass. Fix: "
-    "forward the canonical re-serialisation of the parsed body (orjson.dumps of Body.messages), "
-    "or refuse bodies with duplicate or case-colliding keys in a message or its params.",
-)
 @pytest.mark.parametrize(
     "body",
     [
@@ -1100,8 +1102,6 @@ def test_generated_sse_streams_pass_byte_for_byte_and_settle_iff_the_result_came
 
 # --- 6. slow clients ----------------------------------------------------------------------------
 
-HAS_BODY_TIMEOUT = "body_timeout_s" in {f.name for f in dataclasses.fields(ProxyConfig)}
-
 
 async def _trickle(writer: asyncio.StreamWriter, data: bytes, every: float) -> None:
     """A slowloris: one byte at a time, until the server stops reading or closes."""
@@ -1125,13 +1125,6 @@ async def _closed_within(reader: asyncio.StreamReader, limit: float) -> bool:
         return True
 
 
-@pytest.mark.xfail(
-    not HAS_BODY_TIMEOUT,
-    strict=True,
-    reason="GAP: no bound on reading a request body (aiohttp has none by default). Fix: "
-    "asyncio.timeout(cfg.proxy.body_timeout_s) around request.read() in proxy/forward.py, "
-    "answering 408.",
-)
 async def test_a_body_sent_one_byte_at_a_time_is_cut_off_and_the_connection_released(
     make_config: ConfigFactory, upstream: tuple[HostileUpstream, str]
 ) -> None:
@@ -1140,7 +1133,7 @@ async def test_a_body_sent_one_byte_at_a_time_is_cut_off_and_the_connection_rele
     still coming and closes the connection."""
     up, url = upstream
     body_timeout = 1.0
-    section = {"body_timeout_s": body_timeout} if HAS_BODY_TIMEOUT else {}
+    section = {"body_timeout_s": body_timeout}
     async with proxy_for(make_config, url, **section) as (proxy, key):
         body = tools_call(1) + b" " * 400
         head = (
@@ -1197,24 +1190,12 @@ async def serve_in_process(config: Config) -> AsyncIterator[str]:
         await asyncio.wait_for(task, 30)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GAP: nothing bounds how long a client may take to send its request headers (or to "
-    "sit idle on a fresh connection): proxy/serve.py builds web.AppRunner without "
-    "keepalive_timeout, so aiohttp's RequestHandler default of 3630 s applies (aiohttp arms that "
-    "timer when the connection opens and fires it only while no request has been parsed). A few "
-    "thousand such sockets pin file descriptors for an hour. Fix: pass keepalive_timeout= "
-    "(a new proxy.header_timeout_s, e.g. 15-60 s, or proxy.body_timeout_s) to web.AppRunner in "
-    "proxy/serve.py (and lingering_time= if 10 s is too long).",
-)
 async def test_slow_headers_and_idle_connections_are_cut_off(
     make_config: ConfigFactory, upstream: tuple[HostileUpstream, str], tmp_path: Path
 ) -> None:
     _, url = upstream
     bound = 1.0
-    section: dict[str, Any] = {"body_timeout_s": bound} if HAS_BODY_TIMEOUT else {}
-    if "header_timeout_s" in {f.name for f in dataclasses.fields(ProxyConfig)}:
-        section["header_timeout_s"] = bound
+    section = {"body_timeout_s": bound, "header_timeout_s": bound}
     config = make_config(
         listen={"host": "127.0.0.1", "port": free_port()},
         upstream={"url": url},
@@ -1292,14 +1273,6 @@ async def test_a_chunked_body_growing_past_the_limit_is_413_and_upstream_untouch
     assert up.got == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: proxy/forward.py reads the body before looking at Content-Length, so a request "
-    "that declares more than proxy.max_body_bytes and then sends slowly holds its connection and "
-    "handler until proxy.body_timeout_s (408) instead of getting 413 at once (webhooks.py already "
-    "checks request.content_length first). Fix: before request.read() in McpProxy._handle, "
-    "`if (request.content_length or 0) > cfg.proxy.max_body_bytes: return _too_large(...)`.",
-)
 async def test_a_declared_content_length_over_the_limit_is_refused_before_the_body(
     make_config: ConfigFactory, upstream: tuple[HostileUpstream, str]
 ) -> None:
@@ -1417,16 +1390,18 @@ GARBAGE: dict[str, tuple[Behaviour, str, int | None, bytes | None]] = {
         b'data: {"id": 1, "result": \n\n\x00\xff\xfe\n\n',
     ),
     "reset-before-headers": (_abort_at_once, "rpc_error", 502, None),
+    # A metered JSON reply is read whole before anything is sent: the client gets a 502.
     "reset-mid-json-chunked": (
         lambda r, _: _abort_after(r, "application/json", _result_bytes(1)[:10]),
-        "broken",
-        None,
+        "rpc_error",
+        502,
         None,
     ),
+    # A metered JSON reply is read whole before anything is sent: the client gets a 502.
     "reset-mid-json-content-length": (
         lambda r, _: _abort_after(r, "application/json", _result_bytes(1)[:10], length=500),
-        "broken",
-        None,
+        "rpc_error",
+        502,
         None,
     ),
     "reset-mid-sse-event": (
@@ -1485,14 +1460,6 @@ async def test_upstream_garbage_gets_a_clean_answer_and_a_refund(
     assert unhandled(caplog, aiohttp.ClientPayloadError) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: proxy/forward.py _pump_sse lets proxy.sse.SSEEventTooLarge (an upstream event "
-    "over 8 MiB) escape: no upstream_* log line, only aiohttp's generic 'Error handling request' "
-    "traceback. The refund and the aborted client transfer are right. Fix: catch SSEEventTooLarge "
-    "in _forward like ClientPayloadError (log.warning('upstream_event_too_large', ...)) and abort "
-    "the client transfer (e.g. raise ClientPayloadError from it, or request.transport.abort()).",
-)
 async def test_an_sse_event_over_the_parser_limit_is_an_upstream_fault_not_a_crash(
     make_config: ConfigFactory,
     upstream: tuple[HostileUpstream, str],

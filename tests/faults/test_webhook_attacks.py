@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -95,8 +95,10 @@ def subscription_event(
 
 
 def sign(body: bytes, *, secret: str = SECRET, ts: int | None = None) -> str:
-    return stripe.WebhookSignature.generate_signature_header(
-        body.decode(), secret, timestamp=int(time.time()) if ts is None else ts
+    return str(
+        stripe.WebhookSignature.generate_signature_header(
+            body.decode(), secret, timestamp=int(time.time()) if ts is None else ts
+        )
     )
 
 
@@ -351,7 +353,7 @@ async def flood(config: Config, redis_url: str) -> Flood:
                 replies=list(replies),
                 retried=retried,
                 published=published[:-1],
-                ledger=await watcher.get(ledger_key),
+                ledger=cast(str | None, await watcher.get(ledger_key)),
                 ttl=await watcher.ttl(ledger_key),
                 plan=tenant.plan,
                 subscription=tenant.subscription_id,
@@ -359,7 +361,7 @@ async def flood(config: Config, redis_url: str) -> Flood:
                 elapsed=elapsed,
             )
     finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
         await watcher.aclose()
 
 
@@ -407,17 +409,6 @@ async def test_a_flood_on_a_healthy_redis_is_never_answered_503(
 # --- found by the soak (tests/soak.py) ------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: proxy/quota/lua/reserve.lua:26 reaps every overdue reservation of the tenant but "
-    "refunds only those of the period being reserved (`if p == period`); an orphan (its holder "
-    "was SIGKILLed) from an earlier period is moved to the reaped set and its units stay in that "
-    "period's counter for good, so the counter exceeds the committed units (and a late commit of "
-    "it would charge it a second time). A webhook that puts the tenant on its subscription period "
-    "is enough. Fix: for an overdue member of another period p, DECRBY that period's counter "
-    "(the same {tenant} hash slot: derive the key from KEYS[1] by swapping the period suffix), "
-    "or leave such members held until a reserve in their own period reaps them.",
-)
 async def test_a_webhook_that_moves_the_period_does_not_strand_an_orphaned_reservation(
     make_config: ConfigFactory, upstream_url: str
 ) -> None:

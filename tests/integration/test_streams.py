@@ -145,3 +145,26 @@ async def test_jsonrpc_error_refusal_mode(
     assert doc["error"]["code"] == -31429
     assert "Quota exhausted for plan free: 1 of 1" in doc["error"]["message"]
     assert "https://up.example" in doc["error"]["message"]
+
+
+async def test_a_metered_json_reply_goes_out_whole_with_its_length(
+    make_config: ConfigFactory, scripted: tuple[ScriptedUpstream, str]
+) -> None:
+    """It is read whole to be settled anyway: one Content-Length reply, not chunks, with the
+    upstream's own bytes; an unmetered stream still passes through as it comes."""
+    _, url = scripted
+    async with (
+        run_proxy(make_config(upstream={"url": url})) as proxy,
+        aiohttp.ClientSession() as http,
+    ):
+        key = await proxy.tenant_with_key("acme")
+        async with http.post(url + "/mcp", json=call(3, "echo")) as r:
+            direct = await r.read()
+            assert r.status == 200 and b'"id": 3' in direct, direct
+        async with http.post(proxy.url, json=call(3, "echo"), headers=bearer(key)) as r:
+            assert r.status == 200
+            assert "Transfer-Encoding" not in r.headers
+            assert r.headers["Content-Length"] == str(len(direct))
+            assert r.headers["Content-Type"].startswith("application/json")
+            assert await r.read() == direct
+        assert [e.rpc_id for e in proxy.sink.events] == ["3"]

@@ -181,6 +181,44 @@ def test_redis_url_with_wrong_scheme_is_rejected() -> None:
     assert "'http://redis:6379'" in message
 
 
+# --- Redis Cluster ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "env"),
+    [
+        ({"redis": {"url": "redis://node-0:6379/0", "cluster": True}}, {}),
+        ({"redis": {"cluster": True}}, {ENV_REDIS_URL: "rediss://u:p%40ss@node-0:6380"}),
+        ({"redis": {"url": "redis://:secret@10.0.0.5:7000", "cluster": True}}, {}),
+    ],
+    ids=["file", "env-tls", "password"],
+)
+def test_cluster_names_one_seed_node(data: Any, env: dict[str, str]) -> None:
+    cfg = parse_config(data, {ENV_PEPPER: PEPPER, **env})
+    assert cfg.redis.cluster is True
+    assert cfg.redis.embedded is False
+    assert parse_config(None, {}).redis.cluster is False  # the default: one node
+
+
+@pytest.mark.parametrize(
+    ("redis", "key", "says"),
+    [
+        ({"cluster": "yes"}, "redis.cluster", "expected true or false"),
+        ({"cluster": True}, "redis.cluster", "memory:// is a single in-process store"),
+        ({"url": "unix:///run/redis.sock", "cluster": True}, "redis.cluster", "not unix://"),
+        ({"url": "redis://:hunter2@node-0:6379/2", "cluster": True}, "redis.url", "database 0"),
+    ],
+    ids=["not-a-boolean", "embedded", "unix-socket", "database-2"],
+)
+def test_cluster_settings_that_cannot_work_are_rejected(
+    redis: dict[str, Any], key: str, says: str
+) -> None:
+    message = config_error({"redis": redis}, {ENV_PEPPER: PEPPER})
+    assert message.startswith(f"{key}"), message
+    assert says in message
+    assert "hunter2" not in message  # the URL may carry a password: never echoed
+
+
 @pytest.mark.parametrize(
     ("data", "env"),
     [

@@ -199,3 +199,10 @@ ALLOWED = ("https://app.example.com", "http://localhost:3000")
 )
 def test_origin_allowed(origin: str | None, allowed: tuple[str, ...], ok: bool) -> None:
     assert origin_allowed(origin, allowed) is ok
+
+
+@pytest.mark.parametrize("name", ["X_MCP_Tenant", "x_mcp-tenant", "X-MCP_TENANT"])
+def test_upstream_drops_the_tenant_header_spelt_with_underscores(name: str) -> None:
+    # CGI/WSGI servers map "-" and "_" to the same variable name.
+    out = forwarded([(name, "victim"), ("X_Other", "kept")])
+    assert list(out.items()) == [("X_Other", "kept"), (TENANT_HEADER, TENANT)]

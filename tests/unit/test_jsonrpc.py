@@ -336,3 +336,59 @@ def test_is_modern(version: str | None, modern: bool) -> None:
 def test_non_utf8_body_is_parse_error(raw: bytes) -> None:
     err = rpc_error_of(raw)
     assert err.code == PARSE_ERROR
+
+
+# --- keys the upstream could read differently -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","method":"ping"}',
+        b'{"jsonrpc":"2.0","id":1,"id":2,"method":"ping"}',
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","name":"b"}}',
+        # spelt with an escape, so the raw bytes hold "method" only once
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","m\\u0065thod":"ping"}',
+        b'[{"jsonrpc":"2.0","id":1,"method":"ping"},'
+        b'{"jsonrpc":"2.0","id":2,"method":"ping","params":{},"params":{"name":"x"}}]',
+    ],
+    ids=["method", "id", "tool-name", "escaped", "in-batch"],
+)
+def test_a_repeated_key_in_a_message_or_its_params_is_refused(raw: bytes) -> None:
+    err = rpc_error_of(raw)
+    assert err.code == INVALID_REQUEST
+    assert "occurs twice" in err.message
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        request(Method="tools/call"),
+        call(name="add", Name="secret"),
+        {"jsonrpc": "2.0", "id": 1, "method": "ping", "JSONRPC": "1.0"},
+    ],
+    ids=["method", "tool-name", "jsonrpc"],
+)
+def test_keys_that_differ_only_in_case_are_refused(doc: dict[str, Any]) -> None:
+    err = rpc_error_of(encode(doc))
+    assert err.code == INVALID_REQUEST
+    assert "differ only in case" in err.message
+    assert err.rpc_id == 1
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # gated key names inside arguments, as keys and as values, repeated or not
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo",'
+        b'"arguments":{"name":"id","method":"params","jsonrpc":"name","Name":1}}}',
+        # a repeated key deep in arguments is the tool's business, not the gate's
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo",'
+        b'"arguments":{"x":1,"x":2}}}',
+        # escapes elsewhere send the body to the exact check, which finds nothing
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"caf\\u00e9"}}',
+    ],
+    ids=["names-in-arguments", "repeat-in-arguments", "escape-in-a-value"],
+)
+def test_gated_key_names_elsewhere_in_the_body_are_fine(raw: bytes) -> None:
+    assert parse_body(raw).messages[0]["method"] == "tools/call"

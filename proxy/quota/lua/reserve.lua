@@ -1,6 +1,7 @@
 -- Reserve quota for one call atomically: every limit is checked before anything is written,
 -- so a refusal changes nothing and an acceptance changes everything at once.
--- KEYS[1] used counter of the current period   KEYS[2] rate state (GCRA arrival time, us)
+-- KEYS[1] used counter of the current period, named "<stem><period_start>"
+-- KEYS[2] rate state (GCRA arrival time, us)
 -- KEYS[3] held reservations (zset "id:period:cost" -> deadline ms)
 -- KEYS[4] reaped reservations (zset "id:period:cost" -> forget-after ms)
 -- ARGV: cost, allowed_total (-1 = unlimited), interval_us (0 = no rate limit),
@@ -18,18 +19,26 @@ local period = ARGV[10]
 
 -- Reservations whose holder died (killed mid-call) are refunded once overdue, into their own
 -- period; a late commit finds them in the reaped set and charges them again exactly once.
+-- An overdue member of another period (the tenant's period moved, e.g. by a webhook) is
+-- refunded here too: left held, it would wait for a reserve in a period that may never come
+-- again. Its counter's name is KEYS[1] with the period swapped, so it shares KEYS[1]'s
+-- {tenant} hash tag and slot: Redis (7.0 checks it) and Cluster run a script touching an
+-- undeclared key of its own slot; its name cannot be declared, the period is only known here.
 local overdue = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now_ms)
 if #overdue > 0 then
-  local back = 0
+  local back = {}
   for _, member in ipairs(overdue) do
     local p, c = string.match(member, ':(%d+):(%d+)$')
-    if p == period then back = back + tonumber(c) end
+    back[p] = (back[p] or 0) + tonumber(c)
     redis.call('ZADD', KEYS[4], now_ms + tonumber(ARGV[7]), member)
   end
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now_ms)
   redis.call('PEXPIRE', KEYS[4], ARGV[7])
-  if back > 0 and redis.call('EXISTS', KEYS[1]) == 1 then
-    redis.call('DECRBY', KEYS[1], back)
+  local stem = string.sub(KEYS[1], 1, #KEYS[1] - #period)
+  for p, units in pairs(back) do
+    local counter = stem .. p
+    -- An expired counter has nothing left to give back (and must not turn negative).
+    if redis.call('EXISTS', counter) == 1 then redis.call('DECRBY', counter, units) end
   end
 end
 

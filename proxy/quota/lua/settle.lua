@@ -1,6 +1,7 @@
 -- Settle a reservation: commit keeps the units, refund gives them back. Idempotent: a second
 -- commit or refund changes nothing; a commit of a reservation reaped as overdue (and so
--- refunded) charges it again, once.
+-- refunded) charges it again, once. The reaper refunds a reservation into its own period
+-- whichever period it was reserving in, so KEYS[1] is right for a reaped one too.
 -- KEYS[1] used counter of the reservation's period   KEYS[2] held reservations   KEYS[3] reaped
 -- ARGV: reservation_id, cost, action ('commit' | 'refund'), counter_ttl_ms, period_start
 local member = ARGV[1] .. ':' .. ARGV[5] .. ':' .. ARGV[2]
