@@ -159,8 +159,11 @@ class McpProxy:
                 # Refused before reading: a slow sender of a huge body must not hold a handler.
                 return _too_large(self._cfg.proxy.max_body_bytes, {"Connection": "close", **cors})
             try:
-                async with asyncio.timeout(self._cfg.proxy.body_timeout_s):
+                if request.content.is_eof():  # arrived with the headers: nothing to wait for
                     body = await request.read()
+                else:
+                    async with asyncio.timeout(self._cfg.proxy.body_timeout_s):
+                        body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 return _too_large(self._cfg.proxy.max_body_bytes, cors)
             except RequestPayloadError:  # e.g. a body that is not the gzip it claims

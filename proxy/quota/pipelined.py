@@ -1,21 +1,21 @@
-"""A minimal pipelined Redis client for the hot path: one connection, each command written
-as soon as it is asked for, replies matched in order (RESP2, parsed by hiredis).
+"""A minimal pipelined Redis client for the hot path: one connection, replies matched to
+their commands in order (RESP2, parsed by hiredis as they arrive).
 
 redis-py's pooled asyncio client spends 110-200 µs of CPU per call here (pool checkout,
-command packing, per-call timeouts); one multiplexed connection costs ~40 µs. It is used
-only for the quota scripts on a single Redis node; everything else (admin, pub/sub, Redis
-Cluster, TLS, unix sockets) stays on redis-py.
+command packing, per-call timeouts). This one is an asyncio Protocol: no reader task and no
+stream buffers, and the commands asked for in one turn of the event loop leave in one write.
+It is used only for the quota scripts on a single Redis node; everything else (admin,
+pub/sub, Redis Cluster, TLS, unix sockets) stays on redis-py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import hiredis
@@ -38,6 +38,70 @@ def supports(url: str) -> bool:
     return urlsplit(url).scheme == "redis"
 
 
+class _Connection(asyncio.Protocol):
+    """One socket. `pending` holds a future per command written (or about to be), in order;
+    a waiter that gave up leaves its future there, done, and its reply is read and dropped,
+    so the order never slips."""
+
+    def __init__(self, on_lost: Callable[[_Connection], None]) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.pending: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self.out: list[bytes] = []  # commands of this loop turn, written together
+        self.closed = False
+        self._parser = hiredis.Reader(encoding="utf-8")
+        self._on_lost = on_lost
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TCP transport is not an asyncio.Transport subclass, but has its methods.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._parser.feed(data)
+        pending = self.pending
+        try:
+            while (reply := self._parser.gets()) is not False:
+                future, _ = pending.popleft()
+                if future.done():
+                    continue
+                if isinstance(reply, hiredis.ReplyError):
+                    text = str(reply)
+                    _fail(
+                        future,
+                        NoScriptError(text) if text.startswith("NOSCRIPT") else ResponseError(text),
+                    )
+                else:
+                    future.set_result(reply)
+        except (hiredis.ProtocolError, IndexError) as exc:  # garbage, or a reply nobody asked for
+            self.drop(RedisConnectionError(f"Redis protocol error: {exc!r}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.drop(RedisConnectionError(str(exc) if exc else "Redis closed the connection"))
+
+    def flush(self) -> None:
+        if not self.out or self.closed:
+            return
+        data = b"".join(self.out)
+        self.out.clear()
+        try:
+            self.transport.write(data)  # type: ignore[union-attr]  # set before any send
+        except (RuntimeError, OSError) as exc:  # uvloop: the transport closed under us
+            self.drop(RedisConnectionError(str(exc)))
+
+    def drop(self, error: Exception) -> None:
+        """Everyone waiting on this socket fails (the guard decides what then)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.out.clear()
+        while self.pending:
+            future, _ = self.pending.popleft()
+            if not future.done():
+                _fail(future, error)
+        if self.transport is not None:
+            self.transport.close()
+        self._on_lost(self)
+
+
 class PipelinedRedis:
     def __init__(
         self,
@@ -57,115 +121,100 @@ class PipelinedRedis:
         self._db = int(path) if path.isdigit() else 0
         self._connect_timeout = connect_timeout
         self._stall_s = stall_s  # a reply this late means the connection is wedged
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
-        self._pending: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self._conn: _Connection | None = None
         self._connecting = asyncio.Lock()
-        self._scripts: dict[str, bytes] = {}
-
-    async def _connect(self) -> asyncio.StreamWriter:
-        async with self._connecting:
-            if self._writer is not None:
-                return self._writer
-            async with asyncio.timeout(self._connect_timeout):
-                reader, writer = await asyncio.open_connection(self._host, self._port)
-            self._writer = writer
-            self._reader_task = asyncio.get_running_loop().create_task(
-                self._read_replies(reader, writer), name="redis-pipelined-reader"
-            )
-            hello: list[list[Arg]] = []
-            if self._password is not None:
-                auth: list[Arg] = ["AUTH", self._password]
-                if self._username is not None:
-                    auth.insert(1, self._username)
-                hello.append(auth)
-            if self._db:
-                hello.append(["SELECT", self._db])
-            for command in hello:
-                await self._send(writer, command)
-            return writer
-
-    async def _send(self, writer: asyncio.StreamWriter, args: Sequence[Arg]) -> Any:
-        if writer.is_closing():
-            raise RedisConnectionError("the Redis connection is closing")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        try:
-            writer.write(encode(args))
-        except RuntimeError as exc:  # uvloop: the transport closed under us
-            raise RedisConnectionError(str(exc)) from exc
-        self._pending.append((future, self._now()))
-        # Shielded: a caller that gives up (timeout, client gone) must not desynchronise the
-        # reply order; its reply is read and dropped.
-        return await asyncio.shield(future)
+        self._scripts: dict[str, str] = {}
+        self._loads: dict[str, asyncio.Future[Any]] = {}  # one SCRIPT LOAD per script at once
 
     async def execute(self, *args: Arg) -> Any:
-        if self._pending and self._now() - self._pending[0][1] > self._stall_s:
-            self._reset(RedisConnectionError("Redis stopped answering on this connection"))
-        writer = self._writer or await self._connect()
-        return await self._send(writer, args)
+        conn = self._conn
+        if conn is not None and conn.pending and self._now() - conn.pending[0][1] > self._stall_s:
+            conn.drop(RedisConnectionError("Redis stopped answering on this connection"))
+            conn = None
+        if conn is None:
+            conn = await self._connect()
+        return await self._send(conn, args)
+
+    def _send(self, conn: _Connection, args: Sequence[Arg]) -> asyncio.Future[Any]:
+        if conn.closed:
+            raise RedisConnectionError("the Redis connection is closing")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        conn.pending.append((future, self._now()))
+        conn.out.append(encode(args))
+        if len(conn.out) == 1:
+            loop.call_soon(conn.flush)
+        return future
+
+    async def _connect(self) -> _Connection:
+        async with self._connecting:
+            if self._conn is not None:
+                return self._conn
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout(self._connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self._lost), self._host, self._port
+                )
+                try:
+                    for command in self._hello():
+                        await self._send(conn, command)
+                except BaseException:
+                    conn.drop(RedisConnectionError("Redis refused the connection set-up"))
+                    raise
+            self._conn = conn
+            return conn
+
+    def _hello(self) -> list[list[Arg]]:
+        hello: list[list[Arg]] = []
+        if self._password is not None:
+            auth: list[Arg] = ["AUTH", self._password]
+            if self._username is not None:
+                auth.insert(1, self._username)
+            hello.append(auth)
+        if self._db:
+            hello.append(["SELECT", self._db])
+        return hello
+
+    def _lost(self, conn: _Connection) -> None:
+        if self._conn is conn:
+            self._conn = None
 
     async def evalsha(self, script: str, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
         sha = self._sha(script)
         try:
             return await self.execute("EVALSHA", sha, len(keys), *keys, *args)
         except NoScriptError:
-            await self.execute("SCRIPT", "LOAD", script)
+            await self._load(script)
             return await self.execute("EVALSHA", sha, len(keys), *keys, *args)
+
+    async def _load(self, script: str) -> None:
+        """After a restart every waiting call sees NOSCRIPT: they share one load."""
+        loading = self._loads.get(script)
+        if loading is None:
+            loading = self._loads[script] = asyncio.ensure_future(
+                self.execute("SCRIPT", "LOAD", script)
+            )
+            loading.add_done_callback(self._loaded(script))
+        await asyncio.shield(loading)
+
+    def _loaded(self, script: str) -> Callable[[asyncio.Future[Any]], None]:
+        def done(future: asyncio.Future[Any]) -> None:
+            self._loads.pop(script, None)
+            if not future.cancelled():
+                future.exception()  # seen here even if every waiter has given up
+
+        return done
 
     def _sha(self, script: str) -> str:
         sha = self._scripts.get(script)
         if sha is None:
-            sha = self._scripts[script] = hashlib.sha1(script.encode()).hexdigest().encode()
-        return sha.decode()
-
-    async def _read_replies(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        parser = hiredis.Reader(encoding="utf-8")
-        error: Exception = RedisConnectionError("Redis closed the connection")
-        try:
-            while True:
-                data = await reader.read(65536)
-                if not data:
-                    break
-                parser.feed(data)
-                while (reply := parser.gets()) is not False:
-                    future, _ = self._pending.popleft()
-                    if future.done():
-                        continue
-                    if isinstance(reply, hiredis.ReplyError):
-                        text = str(reply)
-                        _fail(
-                            future,
-                            NoScriptError(text)
-                            if text.startswith("NOSCRIPT")
-                            else ResponseError(text),
-                        )
-                    else:
-                        future.set_result(reply)
-        except (OSError, hiredis.ProtocolError) as exc:
-            error = RedisConnectionError(str(exc))
-        if self._writer is writer:
-            self._reset(error)
-
-    def _reset(self, error: Exception) -> None:
-        """Drop the connection; everyone waiting on it fails (the guard decides what then)."""
-        writer, self._writer = self._writer, None
-        while self._pending:
-            future, _ = self._pending.popleft()
-            if not future.done():
-                _fail(future, error)
-        if writer is not None:
-            writer.close()
-        if self._reader_task is not None and self._reader_task is not asyncio.current_task():
-            self._reader_task.cancel()
+            sha = self._scripts[script] = hashlib.sha1(script.encode()).hexdigest()
+        return sha
 
     async def aclose(self) -> None:
-        self._reset(RedisConnectionError("client closed"))
-        if self._reader_task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader_task
-            self._reader_task = None
+        if self._conn is not None:
+            self._conn.drop(RedisConnectionError("client closed"))
+        self._conn = None
 
 
 def _fail(future: asyncio.Future[Any], error: Exception) -> None:

@@ -8,10 +8,12 @@ import signal
 
 import pytest
 import redis
+import uvloop
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from proxy.clock import ManualClock
 from proxy.quota.pipelined import PipelinedRedis, encode
+from tests.ops_support import until
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -33,6 +35,24 @@ async def test_replies_match_their_commands_under_concurrency(private_redis: Red
         assert replies == [[f"k{i}", str(i)] for i in range(500)]
     finally:
         await client.aclose()
+
+
+def test_on_uvloop_as_serve_runs_it(private_redis: RedisServer) -> None:
+    """uvloop's transports are not asyncio's classes: the protocol must not depend on them."""
+
+    async def burst() -> list[object]:
+        client = PipelinedRedis(private_redis.url, connect_timeout=1.0, stall_s=5.0)
+        try:
+            async with asyncio.timeout(10):
+                return list(
+                    await asyncio.gather(
+                        *(client.evalsha(ECHO, [f"k{i}"], [i]) for i in range(300))
+                    )
+                )
+        finally:
+            await client.aclose()
+
+    assert uvloop.run(burst()) == [[f"k{i}", str(i)] for i in range(300)]
 
 
 async def test_lost_script_cache_and_restart_are_recovered(private_redis: RedisServer) -> None:
@@ -70,10 +90,63 @@ async def test_a_frozen_server_resets_the_connection(private_redis: RedisServer)
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.3):
                 await client.evalsha(ECHO, ["c"], [3])
-        assert len(client._pending) == 1  # only "c": "b" went with the old connection
+        # Only "c" is owed a reply: "b" went with the old connection.
+        assert client._conn is not None and len(client._conn.pending) == 1
         private_redis.proc.send_signal(signal.SIGCONT)
         assert await client.evalsha(ECHO, ["d"], [4]) == ["d", "4"]
     finally:
         if private_redis.proc is not None:
             private_redis.proc.send_signal(signal.SIGCONT)
         await client.aclose()
+
+
+async def test_callers_that_all_meet_noscript_share_one_load(private_redis: RedisServer) -> None:
+    client = PipelinedRedis(private_redis.url, connect_timeout=1.0, stall_s=5.0)
+    admin = redis.Redis(port=private_redis.port, decode_responses=True)
+    try:
+        assert await client.evalsha(ECHO, ["a"], [0]) == ["a", "0"]
+        admin.script_flush()
+        admin.config_resetstat()
+        replies = await asyncio.gather(*(client.evalsha(ECHO, [f"k{i}"], [i]) for i in range(50)))
+        assert replies == [[f"k{i}", str(i)] for i in range(50)]
+        stats = admin.info("commandstats")
+        assert stats["cmdstat_script|load"]["calls"] == 1, stats
+    finally:
+        admin.close()
+        await client.aclose()
+
+
+async def test_a_reply_nobody_asked_for_drops_the_connection() -> None:
+    """A peer that is not speaking our conversation: the connection is dropped, not trusted
+    to pair later replies with the wrong callers; the next call opens a new one."""
+    connections = 0
+    talkers: list[asyncio.Task[None]] = []
+
+    async def talker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        talkers.append(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            while await reader.read(1024):
+                writer.write(b"+OK\r\n+SURPRISE\r\n" if connections == 1 else b"+OK\r\n")
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    server = await asyncio.start_server(talker, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = PipelinedRedis(f"redis://127.0.0.1:{port}", connect_timeout=1.0, stall_s=5.0)
+    try:
+        async with asyncio.timeout(5):
+            assert await client.execute("PING") == "OK"
+            # The surprise may arrive in a later segment.
+            await until(lambda: client._conn is None, 5, "the connection to be dropped")
+            assert await client.execute("PING") == "OK"
+        assert connections == 2
+    finally:
+        await client.aclose()
+        # Each handler ends on the client's EOF; wait so no socket outlives the loop.
+        async with asyncio.timeout(5):
+            await asyncio.gather(*talkers, return_exceptions=True)
+        server.close()
+        await server.wait_closed()

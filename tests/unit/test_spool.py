@@ -7,6 +7,7 @@ import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,19 +60,90 @@ async def test_appends_are_durable_when_append_returns(spool: Spool, tmp_path: P
     assert (count, total) == (200, sum(range(1, 201)))
 
 
+def count_thread_inserts(spool: Spool) -> list[int]:
+    """Counts the group INSERTs sent to SQLite's thread (the rest are committed inline)."""
+    sent = [0]
+    original = spool.db.execute
+
+    def counting(sql: str, *args: Any, **kwargs: Any) -> Any:
+        if sql.startswith("INSERT INTO events"):
+            sent[0] += 1
+        return original(sql, *args, **kwargs)
+
+    spool.db.execute = counting  # type: ignore[method-assign]
+    return sent
+
+
 async def test_concurrent_appends_share_commits(spool: Spool) -> None:
-    commits = 0
-    original = spool.db.commit
-
-    async def counting_commit() -> None:
-        nonlocal commits
-        commits += 1
-        await original()
-
-    spool.db.commit = counting_commit  # type: ignore[method-assign]
+    thread = count_thread_inserts(spool)
     await asyncio.gather(*(spool.append(event()) for _ in range(500)))
-    assert commits < 50, f"{commits} commits for 500 concurrent appends"
+    groups = spool.inline_commits + thread[0]
+    assert 0 < groups < 50, f"{groups} commits for 500 concurrent appends"
     assert (await spool.backlog()).unreported == 500
+
+
+async def test_normal_commits_inline_and_waits_off_the_loop_when_the_drainer_holds_the_lock(
+    spool: Spool, tmp_path: Path
+) -> None:
+    thread = count_thread_inserts(spool)
+    await spool.append(event(units=1))
+    assert (spool.inline_commits, thread[0]) == (1, 0)
+    # The drainer (another process) takes the write lock for a claim.
+    drainer = sqlite3.connect(tmp_path / "usage.db", isolation_level=None)
+    drainer.execute("BEGIN IMMEDIATE")
+    try:
+        appended = asyncio.ensure_future(spool.append(event(units=2)))
+        ticks = 0
+        while thread[0] == 0:  # the loop keeps running while the append waits for the lock
+            ticks += 1
+            await asyncio.sleep(0.01)
+            assert ticks < 500, "the append never reached SQLite's thread"
+        assert not appended.done()
+    finally:
+        drainer.execute("COMMIT")
+        drainer.close()
+    await asyncio.wait_for(appended, 10)
+    assert (spool.inline_commits, thread[0]) == (1, 1)
+    with sqlite3.connect(tmp_path / "usage.db") as other:
+        assert other.execute("SELECT SUM(units) FROM events").fetchone()[0] == 3
+
+
+async def test_full_sync_never_commits_on_the_loop(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "u.db", synchronous="full", replica_id="pod-a")
+    await s.open()
+    try:
+        await asyncio.gather(*(s.append(event()) for _ in range(20)))
+        assert s.inline_commits == 0
+        assert (await s.backlog()).unreported == 20
+    finally:
+        await s.close()
+
+
+@pytest.mark.parametrize("checkpoint_commits", [50, 10**9], ids=["checkpointed", "never"])
+async def test_inline_commits_are_checkpointed_off_the_loop(
+    tmp_path: Path, checkpoint_commits: int
+) -> None:
+    """The inline connection never checkpoints; without the spool's own checkpoints the WAL
+    would grow without bound."""
+    s = Spool(
+        tmp_path / "u.db",
+        synchronous="normal",
+        replica_id="p",
+        checkpoint_commits=checkpoint_commits,
+    )
+    await s.open()
+    try:
+        for _ in range(2000):
+            await s.append(event())
+        assert s.inline_commits > 0
+        wal = (tmp_path / "u.db-wal").stat().st_size
+    finally:
+        await s.close()
+    if checkpoint_commits == 50:
+        # At most 4 x 50 commits (~5 WAL pages each) pile up behind a lagging checkpoint.
+        assert wal < 8 * 1024 * 1024, wal
+    else:
+        assert wal > 16 * 1024 * 1024, wal  # the control: the bound above is the checkpoints'
 
 
 async def test_wal_mode_and_schema_version(spool: Spool, tmp_path: Path) -> None:
