@@ -34,16 +34,13 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
 import shutil
-import signal
 import sqlite3
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,17 +48,24 @@ from typing import Any
 import aiohttp
 import redis
 import redis.asyncio
-import stripe
-import yaml
 from aiohttp import web
 
-from proxy.config import RedisConfig
 from proxy.keys import KeySpace
-from proxy.store import connect
-from proxy.tenants import TenantStore
 from tests.fakes.stripe_fake import Fault, StripeFake
 from tests.fakes.upstream import ScriptedUpstream
-from tests.redis_server import free_port
+from tests.ops_support import (
+    RedisProcess,
+    Serve,
+    create_tenant,
+    free_ports,
+    make_serve,
+    poll,
+    post_webhook,
+    sign_webhook,
+    spool_rows,
+    stripe_event,
+    unreported,
+)
 
 PEPPER = "soak-pepper-0123456789abcdef"
 STRIPE_KEY = "sk_test_soak_0123456789"
@@ -74,7 +78,6 @@ REQUEST_TIMEOUT_S = 15.0
 DRAIN_LIMIT_S = 150.0  # the drain phase's own bound, on top of the reservation deadline
 ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 PLANS = ("pro", "plus")
-ROOT = str(Path(__file__).resolve().parents[1])
 FAULTS = ("redis_restart", "stripe_500", "proxy_kill", "stripe_429", "stripe_down")
 
 
@@ -82,181 +85,51 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-async def poll(predicate: Callable[[], Awaitable[bool]], limit: float, what: str) -> None:
-    deadline = time.monotonic() + limit
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {limit:.0f} s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 # --- processes ---------------------------------------------------------------------------------
 
 
-async def _kill_group(proc: asyncio.subprocess.Process | None) -> None:
-    if proc is None or proc.returncode is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(proc.wait(), 10)
+async def start_replica(replica: Serve, http: aiohttp.ClientSession) -> None:
+    replica.start()
+    await replica.ready(http, 30)
 
 
-@dataclass
-class RedisProc:
-    dir: Path
-    port: int = field(default_factory=free_port)
-    proc: asyncio.subprocess.Process | None = None
+async def terminate(replica: Serve, limit: float = 60) -> int | None:
+    """SIGTERM and its exit code; None if it was not running or had to be killed."""
+    if replica.proc is None:
+        return None
+    try:
+        return await replica.stop(limit)
+    except AssertionError:  # it did not exit within the limit
+        replica.kill()
+        return None
 
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
 
-    async def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise SystemExit("redis-server is not installed (apt-get install redis-server)")
-        with (self.dir / "redis.log").open("ab") as out:
-            self.proc = await asyncio.create_subprocess_exec(
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--protected-mode",
-                "yes",
-                "--dir",
-                str(self.dir),
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
-            )
-        client = redis.asyncio.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=1)
+def log_tail(replica: Serve, lines: int) -> list[str]:
+    path = replica.log_path
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return [line[:300] for line in text.splitlines()[-lines:]]
 
-        async def answers() -> bool:
-            assert self.proc is not None
-            if self.proc.returncode is not None:
-                raise RuntimeError(f"redis-server exited {self.proc.returncode}")
-            try:
-                return bool(await client.ping())
-            except redis.RedisError:  # refused, or still loading the AOF
-                return False
 
+def log_sum(replica: Serve, event: str, key: str) -> int:
+    """Sum of one numeric field over the log lines of one event."""
+    return sum(int(doc.get(key) or 0) for doc in replica.events(event))
+
+
+def log_counts(replica: Serve, names: tuple[str, ...]) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    path = replica.log_path
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
         try:
-            await poll(answers, 20, "redis-server")
-        finally:
-            await client.aclose()
-
-    async def kill(self) -> None:
-        await _kill_group(self.proc)
-        self.proc = None
-
-
-@dataclass
-class Replica:
-    name: str
-    dir: Path
-    port: int
-    env: dict[str, str]
-    proc: asyncio.subprocess.Process | None = None
-    starts: int = 0
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"{self.base}/mcp"
-
-    @property
-    def spool(self) -> Path:
-        return self.dir / "usage.db"
-
-    async def start(self, http: aiohttp.ClientSession) -> None:
-        with (self.dir / "serve.log").open("ab") as out:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "proxy",
-                "serve",
-                cwd=self.dir,
-                env=self.env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,  # its own group: a kill takes the drainer child too
-            )
-        self.starts += 1
-
-        async def healthy() -> bool:
-            assert self.proc is not None
-            if self.proc.returncode is not None:
-                raise RuntimeError(f"serve {self.name} exited {self.proc.returncode}")
-            try:
-                async with http.get(f"{self.base}/healthz") as r:
-                    return r.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        await poll(healthy, 30, f"serve {self.name}")
-
-    @property
-    def up(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
-
-    async def kill(self) -> None:
-        await _kill_group(self.proc)
-        self.proc = None
-
-    async def terminate(self, limit: float = 60) -> int | None:
-        if self.proc is None:
-            return None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return await asyncio.wait_for(self.proc.wait(), limit)
-        except TimeoutError:
-            await self.kill()
-            return None
-
-    def log_tail(self, lines: int) -> list[str]:
-        path = self.dir / "serve.log"
-        text = path.read_text(errors="replace") if path.exists() else ""
-        return [line[:300] for line in text.splitlines()[-lines:]]
-
-    def log_sum(self, event: str, key: str) -> int:
-        """Sum of one numeric field over the log lines of one event."""
-        total = 0
-        path = self.dir / "serve.log"
-        for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
-            with contextlib.suppress(ValueError):
-                doc = json.loads(line)
-                if isinstance(doc, dict) and doc.get("event") == event:
-                    total += int(doc.get(key) or 0)
-        return total
-
-    def log_counts(self, names: tuple[str, ...]) -> Counter[str]:
-        counts: Counter[str] = Counter()
-        path = self.dir / "serve.log"
-        for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
-            try:
-                doc = json.loads(line)
-            except ValueError:
-                counts["(non-JSON line)"] += 1
-                continue
-            if isinstance(doc, dict):
-                if doc.get("event") in names:
-                    counts[str(doc["event"])] += 1
-                if doc.get("level") == "error":
-                    counts[f"error:{doc.get('event', '')[:60]}"] += 1
-        return counts
+            doc = json.loads(line)
+        except ValueError:
+            counts["(non-JSON line)"] += 1
+            continue
+        if isinstance(doc, dict):
+            if doc.get("event") in names:
+                counts[str(doc["event"])] += 1
+            if doc.get("level") == "error":
+                counts[f"error:{doc.get('event', '')[:60]}"] += 1
+    return counts
 
 
 # --- traffic -----------------------------------------------------------------------------------
@@ -319,8 +192,9 @@ class Soak:
         self.ledger = Ledger()
         self.fake = StripeFake()
         self.upstream = ScriptedUpstream()
-        self.redis = RedisProc(workdir / "redis")
-        self.replicas: list[Replica] = []
+        (port,) = free_ports(1)
+        self.redis = RedisProcess(port, workdir / "redis", persistent=True)
+        self.replicas: list[Serve] = []
         self.tenants: list[Tenant] = []
         self.stop_traffic = asyncio.Event()
         self.seq = 0
@@ -335,8 +209,10 @@ class Soak:
     # --- set-up and teardown ----------------------------------------------------------------
 
     async def setup(self, http: aiohttp.ClientSession) -> None:
+        if shutil.which("redis-server") is None:
+            raise SystemExit("redis-server is not installed (apt-get install redis-server)")
         (self.workdir / "redis").mkdir()
-        await self.redis.start()
+        await asyncio.to_thread(self.redis.start, 20)
         await self.fake.start()
         self.fake.add_meter(METER)
         runner = web.AppRunner(self.upstream.app(), access_log=None)
@@ -346,17 +222,19 @@ class Soak:
         self._upstream_runner = runner
         upstream_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
 
-        stores = connect(RedisConfig(url=self.redis.url, timeout_ms=2000))
-        try:
-            tenants = TenantStore(stores.main, KeySpace(KEY_PREFIX), PEPPER, "mqp_")
-            for i in range(self.args.tenants):
-                customer = self.fake.add_customer(name=f"soak-{i}")["id"]
-                tid = f"tenant-{i}"
-                await tenants.create(tid, name=None, plan="pro", stripe_customer=customer, now=0)
-                key, _ = await tenants.issue_key(tid, label="soak", now=0)
-                self.tenants.append(Tenant(tid, customer, key))
-        finally:
-            await stores.close()
+        for i in range(self.args.tenants):
+            customer = self.fake.add_customer(name=f"soak-{i}")["id"]
+            tid = f"tenant-{i}"
+            key = await create_tenant(
+                self.redis.url,
+                KEY_PREFIX,
+                tid,
+                plan="pro",
+                customer=customer,
+                label="soak",
+                pepper=PEPPER,
+            )
+            self.tenants.append(Tenant(tid, customer, key))
 
         plans = {
             name: {
@@ -368,42 +246,34 @@ class Soak:
         }
         for i in range(self.args.replicas):
             name = f"r{i}"
-            path = self.workdir / name
-            path.mkdir()
-            port = free_port()
             config = {
-                "listen": {"host": "127.0.0.1", "port": port},
                 "upstream": {"url": upstream_url},
                 "redis": {"key_prefix": KEY_PREFIX, "reservation_ttl_s": RESERVATION_TTL_S},
                 "plans": plans,
                 "default_plan": "pro",
-                "spool": {"path": str(path / "usage.db"), "replica_id": name},
+                "spool": {"replica_id": name},  # make_serve adds the path
                 "drain": {"interval_s": 0.5, "max_calls_per_second": 200},
                 "billing": {"enabled": True, "meter_event_name": METER},
                 "ops": {"readiness_delay_s": 0, "shutdown_grace_s": 15},
                 "log_level": "warning",
             }
-            (path / "config.yaml").write_text(yaml.safe_dump(config))
             env = {
-                **os.environ,
-                "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
-                "MQP_CONFIG": str(path / "config.yaml"),
                 "REDIS_URL": self.redis.url,
                 "MQP_KEY_PEPPER": PEPPER,
                 "STRIPE_SECRET_KEY": STRIPE_KEY,
                 "STRIPE_API_BASE": self.fake.url,
                 "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
             }
-            replica = Replica(name, path, port, env)
-            await replica.start(http)
+            replica = make_serve(self.workdir, name, config, env)
+            await start_replica(replica, http)
             self.replicas.append(replica)
 
     async def teardown(self) -> None:
         for task in list(self._fault_tasks):
             task.cancel()
         for replica in self.replicas:
-            await replica.kill()
-        await self.redis.kill()
+            replica.kill()
+        self.redis.kill()
         with contextlib.suppress(Exception):
             await self.fake.stop()
         if self._upstream_runner is not None:
@@ -411,8 +281,8 @@ class Soak:
 
     # --- traffic ----------------------------------------------------------------------------
 
-    def _replica(self) -> Replica:
-        live = [r for r in self.replicas if r.up] or self.replicas
+    def _replica(self) -> Serve:
+        live = [r for r in self.replicas if r.alive()] or self.replicas
         return self.rng.choice(live)
 
     async def tool_call(self, http: aiohttp.ClientSession, tenant: Tenant, tool: str) -> None:
@@ -508,15 +378,8 @@ class Soak:
                 ],
             },
         }
-        body = {
-            "id": evt_id,
-            "object": "event",
-            "type": "customer.subscription.updated",
-            "created": created,
-            "api_version": "2026-10-28.endive",
-            "data": {"object": sub},
-        }
-        return evt_id, json.dumps(body).encode(), created
+        body = stripe_event(evt_id, "customer.subscription.updated", created, sub)
+        return evt_id, body, created
 
     async def deliver(
         self, http: aiohttp.ClientSession, record: WebhookRecord, body: bytes
@@ -524,20 +387,15 @@ class Soak:
         """Deliver until a 2xx, like Stripe (which retries for days; bounded here)."""
         for _ in range(60):
             replica = self._replica()
-            header = stripe.WebhookSignature.generate_signature_header(
-                body.decode(), WEBHOOK_SECRET
-            )
+            header = sign_webhook(body, WEBHOOK_SECRET)
             try:
                 async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                    async with http.post(
-                        f"{replica.base}/stripe/webhook",
-                        data=body,
-                        headers={"Stripe-Signature": header, "Content-Type": "application/json"},
-                    ) as r:
-                        doc = await r.json(content_type=None)
-                        record.results.append((r.status, str(doc.get("result"))))
-                        if r.status < 300:
-                            return
+                    status, doc = await post_webhook(
+                        http, replica.base, body, header, content_type=None
+                    )
+                record.results.append((status, str(doc.get("result"))))
+                if status < 300:
+                    return
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 record.results.append((0, type(exc).__name__))
             await asyncio.sleep(0.5)  # Stripe's retry backoff, much shortened
@@ -585,16 +443,16 @@ class Soak:
     async def inject(self, kind: str, http: aiohttp.ClientSession, kills: int) -> None:
         if kind == "redis_restart":
             began = time.monotonic()
-            await self.redis.kill()
+            await asyncio.to_thread(self.redis.kill)
             self._note(kind, "redis-server SIGKILLed")
-            await self.redis.start()
+            await asyncio.to_thread(self.redis.start, 20)
             self._note(kind, f"back after {time.monotonic() - began:.2f} s (AOF replayed)")
         elif kind == "proxy_kill":
             replica = self.replicas[kills % len(self.replicas)]
             began = time.monotonic()
-            await replica.kill()
+            await asyncio.to_thread(replica.kill)
             self._note(kind, f"serve {replica.name} and its drainer SIGKILLed")
-            await replica.start(http)
+            await start_replica(replica, http)
             self._note(kind, f"serve {replica.name} back after {time.monotonic() - began:.2f} s")
         else:
             task = asyncio.create_task(self._stripe_fault(kind))
@@ -657,10 +515,10 @@ class Soak:
                 await task
         self._clear_stripe()
         if self.redis.proc is None:
-            await self.redis.start()
+            await asyncio.to_thread(self.redis.start, 20)
         for replica in self.replicas:
-            if not replica.up:
-                await replica.start(http)
+            if not replica.alive():
+                await start_replica(replica, http)
         # An orphaned reservation (its serve was killed, or its commit or refund failed while
         # the store was away or slow: that can happen without an injected fault) is refunded
         # once its deadline has passed, by the next reservation of its tenant. Every one was
@@ -679,18 +537,16 @@ class Soak:
                 held = [await client.zcard(keys.reservations(t.id)) for t in self.tenants]
                 return sum(held) == 0
 
-            with contextlib.suppress(TimeoutError):
-                await poll(released, 15, "reservations to be released")
+            await poll(released, 15, every=0.05)  # what is still held, the checks report
         finally:
             await client.aclose()
 
         async def drained() -> bool:
             return sum(unreported(r.spool) for r in self.replicas) == 0
 
-        with contextlib.suppress(TimeoutError):
-            await poll(drained, 90, "the drainers to empty the spools")
+        await poll(drained, 90, every=0.05)  # what is left unreported, the checks report
         for replica in self.replicas:
-            self.exit_codes[replica.name] = await replica.terminate()
+            self.exit_codes[replica.name] = await terminate(replica)
 
     # --- checks -----------------------------------------------------------------------------
 
@@ -718,7 +574,8 @@ class Soak:
         for t, fault, note in self.ledger.faults:
             print(f"  t={t:6.1f}s {fault:14} {note}")
         for replica in self.replicas:
-            counts = replica.log_counts(
+            counts = log_counts(
+                replica,
                 (
                     "quota_commit_failed",  # older releases: the commit was dropped
                     "quota_commit_retry",
@@ -728,7 +585,7 @@ class Soak:
                     "invalidation_channel_lost",
                     "meter_event_retry",
                     "drainer_exited",
-                )
+                ),
             )
             print(
                 f"serve {replica.name}: starts={replica.starts} "
@@ -736,7 +593,7 @@ class Soak:
             )
             if self.exit_codes.get(replica.name) not in (0, None):
                 print(f"  tail of {replica.name}'s log:")
-                for line in replica.log_tail(40):
+                for line in log_tail(replica, 40):
                     print(f"    {line}")
         print("-" * 78)
 
@@ -745,8 +602,8 @@ class Soak:
         # 1. billed == spooled
         spooled_billable: Counter[str] = Counter()
         for row in rows:
-            if row.billable and row.customer:
-                spooled_billable[row.customer] += row.units
+            if row.billable and row.stripe_customer:
+                spooled_billable[row.stripe_customer] += row.units
         billed = {t.customer: self.fake.total(t.customer, METER) for t in self.tenants}
         unrep = sum(unreported(r.spool) for r in self.replicas)
         ok1 = all(billed[t.customer] == spooled_billable[t.customer] for t in self.tenants)
@@ -832,7 +689,7 @@ class Soak:
                 committed[row.tenant_id] += row.units
         ok4 = all(counters[t.id] == committed[t.id] for t in self.tenants)
         dropped = sum(
-            r.log_sum(event, "reservations")
+            log_sum(r, event, "reservations")
             for r in self.replicas
             for event in ("quota_commit_failed", "quota_commits_abandoned")
         )
@@ -913,35 +770,6 @@ def windows(times: list[float], gap: float = 1.0) -> str:
 
 
 # --- spools ------------------------------------------------------------------------------------
-
-
-@dataclass
-class SpoolRow:
-    request_id: str
-    tenant_id: str
-    customer: str | None
-    units: int
-    degraded: bool
-    billable: bool
-    reported: bool
-
-
-def spool_rows(path: Path) -> list[SpoolRow]:
-    if not path.exists():
-        return []
-    with contextlib.closing(sqlite3.connect(path, timeout=10)) as db:
-        rows = db.execute(
-            "SELECT request_id, tenant_id, stripe_customer, units, degraded, billable, "
-            "reported_at IS NOT NULL FROM events ORDER BY id"
-        ).fetchall()
-    return [
-        SpoolRow(str(r[0]), str(r[1]), r[2], int(r[3]), bool(r[4]), bool(r[5]), bool(r[6]))
-        for r in rows
-    ]
-
-
-def unreported(path: Path) -> int:
-    return sum(1 for r in spool_rows(path) if r.billable and not r.reported)
 
 
 def batch_identifiers(path: Path) -> list[str]:

@@ -588,6 +588,11 @@ class StripeFake:
                 return event
         raise KeyError(identifier)
 
+    def forget_idempotency_keys(self) -> None:
+        """Drop every saved idempotency result, as Stripe does after about 24 hours; meter
+        event identifiers stay taken (Stripe deduplicates those separately)."""
+        self._idempotency = {k: r for k, r in self._idempotency.items() if r.status is None}
+
     def total(self, customer: str | None = None, event_name: str | None = None) -> int:
         """Sum of the values of accepted, not cancelled events, optionally filtered."""
         return sum(

@@ -9,6 +9,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from multidict import CIMultiDict
+
+# Headers a proxy could lose by treating them as a dict: repeats, and ones it does not know.
+ODD_HEADERS = CIMultiDict(
+    [("Set-Cookie", "a=1; Path=/"), ("Set-Cookie", "b=2; Path=/"), ("X-Upstream-Odd", "kept")]
+)
 
 
 @dataclass
@@ -78,6 +84,15 @@ class ScriptedUpstream:
             )
         if name == "http_500":
             return web.Response(status=500, text="upstream exploded")
+        if name == "json_503":  # an overloaded server answering in JSON-RPC, with its own reason
+            return web.json_response(
+                {"jsonrpc": "2.0", "id": msg["id"], "error": {"code": -32000, "message": "busy"}},
+                status=503,
+                reason="Busy Upstream",
+                headers={"Retry-After": "7"},
+            )
+        if name == "odd_headers":
+            return web.json_response(self._result(msg), headers=ODD_HEADERS)
         if name == "garbage":
             return web.Response(body=b"{not json", content_type="application/json")
         if name.startswith("sse_"):
@@ -88,6 +103,8 @@ class ScriptedUpstream:
         self, request: web.Request, msg: dict[str, Any], name: str, args: dict[str, Any]
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        if name == "sse_odd_headers":
+            resp.headers.extend(ODD_HEADERS)
         await resp.prepare(request)
         await resp.write(b"id: 1\ndata: \n\n")  # priming event
         for i in range(int(args.get("steps", 2))):

@@ -9,17 +9,9 @@ test made. No test touches a Redis it did not start, except through its own key 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import inspect
 import json
-import os
 import shutil
-import signal
-import socket
-import sqlite3
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -29,20 +21,18 @@ from typing import Any
 
 import aiohttp
 import pytest
-import redis
-import yaml
-from aiohttp.test_utils import TestServer
 
-from proxy.config import RedisConfig
-from proxy.keys import KeySpace
-from proxy.store import connect
-from proxy.tenants import TenantStore
 from tests.conftest import PEPPER
 from tests.fakes.stripe_fake import StripeFake, run_stripe_fake
 from tests.fakes.upstream import ScriptedUpstream
+from tests.ops_support import RedisProcess, Serve, free_ports, make_serve, spool_rows, wait_for
+from tests.ops_support import until as _until
+from tests.proxy_harness import local_server
 from tests.rpc import bearer, call
 
-ROOT = Path(__file__).resolve().parents[2]
+# Imported from here by tests/faults/test_cluster.py.
+__all__ = ["free_ports", "spool_rows", "until", "wait_for"]
+
 STRIPE_KEY = "sk_test_faults_0123456789"
 METER = "mcp_tool_calls"
 QUOTA_REFUSAL = "Quota exhausted"
@@ -57,41 +47,14 @@ def need(*binaries: str) -> None:
         )
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct free loopback ports (all held open until all are chosen)."""
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def wait_for(predicate: Callable[[], bool], limit: float, what: str) -> None:
-    deadline = time.monotonic() + limit
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {limit} s waiting for {what}")
-        time.sleep(0.02)
-
-
 async def until(
-    predicate: Callable[[], bool | Awaitable[bool]], limit: float, what: str, every: float = 0.02
+    predicate: Callable[[], object | Awaitable[object]],
+    limit: float,
+    what: str,
+    every: float = 0.02,
 ) -> None:
-    deadline = time.monotonic() + limit
-    while True:
-        value = predicate()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {limit} s waiting for {what}")
-        await asyncio.sleep(every)
+    """ops_support.until at the finer step the fault tests were written against."""
+    await _until(predicate, limit, what, every)
 
 
 @pytest.fixture
@@ -101,96 +64,6 @@ def workdir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-# --- redis-server ----------------------------------------------------------------------------
-
-
-@dataclass
-class RedisProcess:
-    """A redis-server this test owns, in its own process group."""
-
-    port: int
-    dir: Path
-    persistent: bool
-    proc: subprocess.Popen[bytes] | None = None
-    starts: int = 0
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def log(self) -> Path:
-        return self.dir / "redis.log"
-
-    def argv(self) -> list[str]:
-        binary = shutil.which("redis-server")
-        assert binary is not None
-        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1"]
-        argv += ["--protected-mode", "yes", "--dir", str(self.dir), "--save", ""]
-        if self.persistent:  # every write is on disk before its reply leaves the server
-            return [*argv, "--appendonly", "yes", "--appendfsync", "always"]
-        return [*argv, "--appendonly", "no"]
-
-    def start(self, limit: float = 15.0) -> None:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                self.argv(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.starts += 1
-        wait_for(self.answers, limit, f"redis-server on port {self.port} (start {self.starts})")
-
-    def answers(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"redis-server exited {self.proc.returncode}:\n{_tail(self.log)}")
-        client = redis.Redis(
-            host="127.0.0.1", port=self.port, socket_connect_timeout=0.2, socket_timeout=1.0
-        )
-        try:
-            return bool(client.ping())
-        except redis.RedisError:  # refused, or BusyLoadingError while the AOF is replayed
-            return False
-        finally:
-            client.close()
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True)
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash or an OOM kill: no shutdown save, no AOF rewrite."""
-        if self.proc is not None:
-            _kill_group(self.proc)
-            self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            _kill_group(self.proc)
-        self.proc = None
 
 
 @pytest.fixture
@@ -217,99 +90,6 @@ def redis_factory(workdir: Path) -> Iterator[Callable[..., RedisProcess]]:
 # --- serve -----------------------------------------------------------------------------------
 
 
-@dataclass
-class Serve:
-    """One `python -m proxy serve` (and its drainer child) with its own directory: config.yaml,
-    serve.log (the JSON log lines of both processes) and usage.db (its spool)."""
-
-    name: str
-    dir: Path
-    port: int
-    env: dict[str, str]
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def config_path(self) -> Path:
-        return self.dir / "config.yaml"
-
-    @property
-    def log_path(self) -> Path:
-        return self.dir / "serve.log"
-
-    @property
-    def spool(self) -> Path:
-        return self.dir / "usage.db"
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"{self.base}/mcp"
-
-    def start(self) -> None:
-        assert self.proc is None or self.proc.poll() is not None, "already running"
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "serve"],
-                cwd=self.dir,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,  # its own group: killing it takes the drainer too
-            )
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def _check_alive(self) -> None:
-        if not self.alive():
-            raise AssertionError(f"serve {self.name} is not running:\n{_tail(self.log_path)}")
-
-    async def ready(self, http: aiohttp.ClientSession, limit: float = 30.0) -> None:
-        async def listening() -> bool:
-            self._check_alive()
-            with contextlib.suppress(aiohttp.ClientError):
-                async with http.get(f"{self.base}/healthz") as r:
-                    return r.status == 200
-            return False
-
-        await until(listening, limit, f"serve {self.name} to listen", every=0.05)
-
-    async def readyz(self, http: aiohttp.ClientSession) -> dict[str, Any]:
-        async with http.get(f"{self.base}/readyz") as r:
-            doc: dict[str, Any] = await r.json()
-            return doc
-
-    async def stop(self, limit: float = 45.0) -> int:
-        """SIGTERM to serve alone (it stops its drainer child itself); its exit code."""
-        assert self.proc is not None
-        proc = self.proc
-        proc.send_signal(signal.SIGTERM)
-        await until(lambda: proc.poll() is not None, limit, f"serve {self.name} to exit")
-        self.proc = None
-        return int(proc.returncode)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            _kill_group(self.proc)
-            self.proc = None
-
-    def logs(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
-                doc = json.loads(line)
-                if isinstance(doc, dict):
-                    out.append(doc)
-        return out
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [doc for doc in self.logs() if doc.get("event") == name]
-
-
 ServeFactory = Callable[[str, dict[str, Any], dict[str, str]], Serve]
 
 
@@ -319,21 +99,7 @@ def serves(workdir: Path) -> Iterator[ServeFactory]:
     made: list[Serve] = []
 
     def make(name: str, config: dict[str, Any], env: dict[str, str]) -> Serve:
-        path = workdir / name
-        path.mkdir()
-        (port,) = free_ports(1)
-        doc = json.loads(json.dumps(config))
-        doc["listen"] = {"host": "127.0.0.1", "port": port}
-        doc.setdefault("spool", {})["path"] = str(path / "usage.db")
-        (path / "config.yaml").write_text(yaml.safe_dump(doc))
-        pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-        full_env = {
-            **os.environ,
-            **env,
-            "MQP_CONFIG": str(path / "config.yaml"),
-            "PYTHONPATH": pythonpath,
-        }
-        serve = Serve(name, path, port, full_env)
+        serve = make_serve(workdir, name, config, env)
         made.append(serve)
         return serve
 
@@ -380,12 +146,8 @@ def serve_env(redis_url: str, fake: StripeFake) -> dict[str, str]:
 async def scripted() -> AsyncIterator[tuple[ScriptedUpstream, str]]:
     """A scripted upstream on 127.0.0.1 and its base URL."""
     up = ScriptedUpstream()
-    server = TestServer(up.app(), host="127.0.0.1", port=0)
-    await server.start_server()
-    try:
-        yield up, str(server.make_url("")).rstrip("/")
-    finally:
-        await server.close()
+    async with local_server(up.app()) as base:
+        yield up, base
 
 
 @pytest.fixture
@@ -393,20 +155,6 @@ async def stripe_fake() -> AsyncIterator[StripeFake]:
     async with run_stripe_fake() as fake:
         fake.add_meter(METER)
         yield fake
-
-
-async def create_tenant(
-    redis_url: str, key_prefix: str, tenant_id: str, *, plan: str, customer: str | None
-) -> str:
-    """Create a tenant and issue one key through the TenantStore the CLI uses; the key."""
-    stores = connect(RedisConfig(url=redis_url, timeout_ms=2000))
-    try:
-        tenants = TenantStore(stores.main, KeySpace(key_prefix), PEPPER, "mqp_")
-        await tenants.create(tenant_id, name=None, plan=plan, stripe_customer=customer, now=0)
-        key, _ = await tenants.issue_key(tenant_id, label="faults", now=0)
-        return key
-    finally:
-        await stores.close()
 
 
 # --- clients and spools -------------------------------------------------------------------------
@@ -478,35 +226,6 @@ def _sse_response(text: str, rid: str) -> dict[str, Any] | None:
                 if isinstance(doc, dict) and doc.get("id") == rid and "method" not in doc:
                     return doc
     return None
-
-
-@dataclass
-class SpoolRow:
-    request_id: str
-    tenant_id: str
-    stripe_customer: str | None
-    units: int
-    degraded: bool
-    billable: bool
-    reported: bool
-
-
-def spool_rows(path: Path) -> list[SpoolRow]:
-    if not path.exists():
-        return []
-    with contextlib.closing(sqlite3.connect(path, timeout=10)) as db:
-        rows = db.execute(
-            "SELECT request_id, tenant_id, stripe_customer, units, degraded, billable, "
-            "reported_at IS NOT NULL FROM events ORDER BY id"
-        ).fetchall()
-    return [
-        SpoolRow(str(r[0]), str(r[1]), r[2], int(r[3]), bool(r[4]), bool(r[5]), bool(r[6]))
-        for r in rows
-    ]
-
-
-def unreported(path: Path) -> int:
-    return sum(1 for r in spool_rows(path) if r.billable and not r.reported)
 
 
 @dataclass

@@ -29,7 +29,6 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
@@ -37,7 +36,7 @@ from multidict import CIMultiDict
 from proxy.config import Config
 from proxy.serve import run_server
 from tests.conftest import ConfigFactory
-from tests.proxy_harness import RunningProxy, run_proxy
+from tests.proxy_harness import RunningProxy, local_server, run_proxy
 from tests.redis_server import free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -120,12 +119,8 @@ class HostileUpstream:
 @asynccontextmanager
 async def serve_upstream() -> AsyncIterator[tuple[HostileUpstream, str]]:
     up = HostileUpstream()
-    server = TestServer(up.app(), host="127.0.0.1", port=0)
-    await server.start_server()
-    try:
-        yield up, str(server.make_url("")).rstrip("/")
-    finally:
-        await server.close()
+    async with local_server(up.app()) as base:
+        yield up, base
 
 
 @pytest.fixture

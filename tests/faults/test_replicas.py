@@ -35,16 +35,13 @@ from tests.fakes.upstream import ScriptedUpstream
 from tests.faults.conftest import (
     METER,
     Reply,
-    Serve,
     ServeFactory,
-    create_tenant,
     serve_config,
     serve_env,
-    spool_rows,
     tool_call,
-    unreported,
     until,
 )
+from tests.ops_support import Serve, create_tenant, spool_rows, unreported
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(240)]
 

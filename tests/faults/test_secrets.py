@@ -20,9 +20,9 @@ import stripe
 import proxy.auth
 from proxy.auth import hash_key, keys_match
 from tests.conftest import PEPPER, ConfigFactory
-from tests.fakes.stripe_fake import Fault, run_stripe_fake
+from tests.fakes.stripe_fake import Fault
 from tests.fakes.upstream import ScriptedUpstream
-from tests.ops_support import make_serve_stack, serving, until
+from tests.ops_support import serving, stripe_serve_stack, until
 from tests.proxy_harness import run_proxy
 from tests.rpc import ACCEPT, bearer, call
 
@@ -137,30 +137,26 @@ async def test_a_whole_serve_run_leaks_no_secret(
 ) -> None:
     upstream, upstream_url = scripted
     stderr = tmp_path / "serve.stderr"
-    async with run_stripe_fake() as fake:
-        fake.add_meter(METER)
-        customer = fake.add_customer(name="acme")["id"]
-        stack = await make_serve_stack(
-            tmp_path,
-            redis_url=redis_url,
-            key_prefix=key_prefix,
-            upstream_url=upstream_url,
-            stripe_url=fake.url,
-            stripe_key=STRIPE_KEY,
-            customer=customer,
-            meter=METER,
-            tenant="acme-secrets",
-            plans={
-                "pro": {
-                    "included_units": 1_000_000,
-                    "overage": "bill",
-                    "stripe_lookup_keys": ["mqp_pro"],
-                }
-            },
-            ops={"readiness_delay_s": 0},
-            drain={"interval_s": 0.2},
-            log_level="debug",  # the most a process will ever say
-        )
+    async with stripe_serve_stack(
+        tmp_path,
+        redis_url=redis_url,
+        key_prefix=key_prefix,
+        upstream_url=upstream_url,
+        stripe_key=STRIPE_KEY,
+        meter=METER,
+        tenant="acme-secrets",
+        plans={
+            "pro": {
+                "included_units": 1_000_000,
+                "overage": "bill",
+                "stripe_lookup_keys": ["mqp_pro"],
+            }
+        },
+        ops={"readiness_delay_s": 0},
+        drain={"interval_s": 0.2},
+        log_level="debug",  # the most a process will ever say
+    ) as (fake, stack):
+        customer = stack.customer
         stack.env["STRIPE_WEBHOOK_SECRET"] = WEBHOOK_SECRET
         key = stack.key
         key_id, _, secret = key.removeprefix("mqp_").partition("_")

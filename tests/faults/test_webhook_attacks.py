@@ -9,9 +9,9 @@ the "last verified webhook" timestamp that billing health reads.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
-import io
 import json
 import time
 from collections import Counter
@@ -21,15 +21,14 @@ from typing import Any, cast
 
 import aiohttp
 import pytest
-import stripe
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
 from proxy.clock import ManualClock
 from proxy.config import Config
 from tests.conftest import ConfigFactory
-from tests.proxy_harness import RunningProxy, run_proxy
+from tests.ops_support import post_webhook, sign_webhook, stripe_event
+from tests.proxy_harness import RunningProxy, local_server, run_proxy
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -82,24 +81,10 @@ def subscription_event(
             ],
         },
     }
-    return json.dumps(
-        {
-            "id": evt_id,
-            "object": "event",
-            "type": "customer.subscription.updated",
-            "created": created,
-            "api_version": "2026-10-28.endive",
-            "data": {"object": sub},
-        }
-    ).encode()
+    return stripe_event(evt_id, "customer.subscription.updated", created, sub)
 
 
-def sign(body: bytes, *, secret: str = SECRET, ts: int | None = None) -> str:
-    return str(
-        stripe.WebhookSignature.generate_signature_header(
-            body.decode(), secret, timestamp=int(time.time()) if ts is None else ts
-        )
-    )
+sign = functools.partial(sign_webhook, secret=SECRET)
 
 
 def hmac_v1(payload: bytes, key: str) -> str:
@@ -109,24 +94,14 @@ def hmac_v1(payload: bytes, key: str) -> str:
 async def deliver(
     http: aiohttp.ClientSession, proxy: RunningProxy, body: bytes, header: str | None
 ) -> tuple[int, dict[str, Any]]:
-    headers = {"Content-Type": "application/json"}
-    if header is not None:
-        headers["Stripe-Signature"] = header
-    data = io.BytesIO(body) if len(body) > 512 * 1024 else body  # big raw bytes warn
-    async with http.post(f"{proxy.base}/stripe/webhook", data=data, headers=headers) as r:
-        return r.status, await r.json(content_type=None)
+    return await post_webhook(http, proxy.base, body, header, content_type=None)
 
 
 @pytest.fixture
 async def upstream_url() -> AsyncIterator[str]:
     """Nothing is proxied to it here; the config needs an upstream."""
-    app = web.Application()
-    server = TestServer(app, host="127.0.0.1", port=0)
-    await server.start_server()
-    try:
-        yield str(server.make_url("")).rstrip("/")
-    finally:
-        await server.close()
+    async with local_server(web.Application()) as base:
+        yield base
 
 
 @pytest.fixture

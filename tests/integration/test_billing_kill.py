@@ -5,13 +5,9 @@ usage the spool recorded, every identifier accepted once."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import random
 import signal
-import sqlite3
-import sys
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +16,16 @@ import aiohttp
 import pytest
 import yaml
 
-from proxy.config import RedisConfig
-from proxy.keys import KeySpace
-from proxy.store import StoreClients, connect
-from proxy.tenants import TenantStore
-from tests.conftest import PEPPER
-from tests.fakes.stripe_fake import Fault, StripeFake, run_stripe_fake
+from tests.fakes.stripe_fake import Fault, StripeFake
 from tests.fakes.upstream import ScriptedUpstream
-from tests.redis_server import free_port
+from tests.ops_support import (
+    ServeStack,
+    children,
+    spooled_units,
+    start_proxy,
+    stripe_serve_stack,
+    until,
+)
 from tests.rpc import bearer, call
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(180)]
@@ -39,103 +37,44 @@ METER = "mcp_tool_calls"
 @dataclass
 class Stack:
     fake: StripeFake
-    env: dict[str, str]
-    port: int
-    spool: Path
-    customer: str
-    key: str
+    serve: ServeStack
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/mcp"
+        return self.serve.url
+
+    @property
+    def customer(self) -> str:
+        return self.serve.customer
+
+    @property
+    def key(self) -> str:
+        return self.serve.key
 
     def spooled(self) -> int:
-        with contextlib.closing(sqlite3.connect(self.spool)) as db:
-            return int(db.execute("SELECT COALESCE(SUM(units), 0) FROM events").fetchone()[0])
+        return spooled_units(self.serve.spool)
 
     def unreported(self) -> int:
-        with contextlib.closing(sqlite3.connect(self.spool)) as db:
-            return int(
-                db.execute(
-                    "SELECT COUNT(*) FROM events WHERE billable = 1 AND reported_at IS NULL"
-                ).fetchone()[0]
-            )
+        return self.serve.unreported()
 
 
 @pytest.fixture
 async def stack(
     tmp_path: Path, redis_url: str, key_prefix: str, scripted: tuple[ScriptedUpstream, str]
 ) -> AsyncIterator[Stack]:
-    async with run_stripe_fake() as fake:
-        fake.add_meter(METER)
-        customer = fake.add_customer(name="acme")["id"]
-        port = free_port()
-        spool = tmp_path / "usage.db"
-        config = {
-            "listen": {"host": "127.0.0.1", "port": port},
-            "upstream": {"url": scripted[1]},
-            "redis": {"key_prefix": key_prefix},
-            "plans": {"pro": {"included_units": 1_000_000, "overage": "bill"}},
-            "spool": {"path": str(spool)},
-            "drain": {"interval_s": 0.2, "max_batch": 50},
-            "billing": {"enabled": True, "meter_event_name": METER},
-            "ops": {"readiness_delay_s": 0.1},
-            "log_level": "warning",
-        }
-        path = tmp_path / "config.yaml"
-        path.write_text(yaml.safe_dump(config))
-        env = {
-            **os.environ,
-            "REDIS_URL": redis_url,
-            "MQP_KEY_PEPPER": PEPPER,
-            "STRIPE_SECRET_KEY": STRIPE_KEY,
-            "STRIPE_API_BASE": fake.url,
-            "MQP_CONFIG": str(path),
-        }
-        stores: StoreClients = connect(RedisConfig(url=redis_url))
-        tenants = TenantStore(stores.main, KeySpace(key_prefix), PEPPER, "mqp_")
-        await tenants.create("acme", name=None, plan="pro", stripe_customer=customer, now=0)
-        key, _ = await tenants.issue_key("acme", label="kill", now=0)
-        await stores.close()
-        yield Stack(fake, env, port, spool, customer, key)
-
-
-async def _start(stack: Stack, *args: str) -> asyncio.subprocess.Process:
-    # Its own process group: SIGKILL to the group takes the drainer child down too, as a
-    # pod kill would.
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        *args,
-        env=stack.env,
-        start_new_session=True,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-
-
-async def _until(predicate: object, limit: float, what: str) -> None:
-    deadline = time.monotonic() + limit
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
-async def _ready(http: aiohttp.ClientSession, stack: Stack) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        with contextlib.suppress(aiohttp.ClientError):
-            async with http.get(f"http://127.0.0.1:{stack.port}/healthz") as r:
-                if r.status == 200:
-                    return
-        assert time.monotonic() < deadline, "serve did not become ready"
-        await asyncio.sleep(0.05)
-
-
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+    async with stripe_serve_stack(
+        tmp_path,
+        redis_url=redis_url,
+        key_prefix=key_prefix,
+        upstream_url=scripted[1],
+        stripe_key=STRIPE_KEY,
+        meter=METER,
+        key_label="kill",
+        drain={"interval_s": 0.2, "max_batch": 50},
+        ops={"readiness_delay_s": 0.1},
+        log_level="warning",
+    ) as (fake, serve):
+        yield Stack(fake, serve)
 
 
 @dataclass
@@ -170,29 +109,28 @@ async def test_serve_killed_mid_traffic_bills_exactly_what_was_received(stack: S
     rng = random.Random(seed)
     tally = Tally()
     async with aiohttp.ClientSession() as http:
-        serve = await _start(stack, "serve")
+        serve = await start_proxy(stack.serve, "serve")
         try:
-            await _ready(http, stack)
+            await serve.wait_healthy(http)
             stop = asyncio.Event()
             traffic = asyncio.create_task(_traffic(http, stack, tally, stop))
             await asyncio.sleep(rng.uniform(0.3, 1.2))  # the random moment of the kill
-            _kill_group(serve)
-            await serve.wait()
+            serve.kill_group()
+            await serve.proc.wait()
             stop.set()
             await traffic
             assert tally.received > 0
-            serve = await _start(stack, "serve")
-            await _ready(http, stack)
+            serve = await start_proxy(stack.serve, "serve")
+            await serve.wait_healthy(http)
             stop = asyncio.Event()
             more = asyncio.create_task(_traffic(http, stack, tally, stop, workers=2))
             await asyncio.sleep(0.3)
             stop.set()
             await more
-            await _until(lambda: stack.unreported() == 0, 60, "the drainer to empty the spool")
-            serve.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(serve.wait(), 30) == 0
+            await until(lambda: stack.unreported() == 0, 60, "the drainer to empty the spool")
+            assert await serve.terminate(30) == 0
         finally:
-            _kill_group(serve)
+            serve.kill_group()
     billed = stack.fake.total(stack.customer, METER)
     note = f"seed={seed} received={tally.received} in_doubt={tally.in_doubt} billed={billed}"
     # Everything received is billed; a call cut off by the kill may have been spooled (and
@@ -205,23 +143,22 @@ async def test_serve_killed_mid_traffic_bills_exactly_what_was_received(stack: S
 async def _fill(stack: Stack, calls: int) -> None:
     """Make calls through a serve whose drainer is off, so the spool holds them all."""
     async with aiohttp.ClientSession() as http:
-        serve = await _start(stack, "serve")
+        serve = await start_proxy(stack.serve, "serve")
         try:
-            await _ready(http, stack)
+            await serve.wait_healthy(http)
             for i in range(calls):
                 async with http.post(
                     stack.url, json=call(i, "add"), headers=bearer(stack.key)
                 ) as r:
                     assert r.status == 200
                     assert (await r.json())["result"]["isError"] is False
-            serve.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(serve.wait(), 30) == 0
+            assert await serve.terminate(30) == 0
         finally:
-            _kill_group(serve)
+            serve.kill_group()
 
 
 def _no_embedded_drainer(stack: Stack, tmp_path: Path) -> None:
-    path = Path(stack.env["MQP_CONFIG"])
+    path = Path(stack.serve.env["MQP_CONFIG"])
     config = yaml.safe_load(path.read_text())
     config["drain"]["embedded"] = False
     path.write_text(yaml.safe_dump(config))
@@ -234,19 +171,19 @@ async def test_drainer_killed_between_send_and_mark_resends_without_double_billi
     await _fill(stack, 120)  # max_batch 50: three batches
     assert stack.unreported() == 120
     stack.fake.meter_event_delay = 0.5  # the call is in flight long enough to kill the sender
-    drainer = await _start(stack, "drain")
+    drainer = await start_proxy(stack.serve, "drain")
     try:
         posts = lambda: [c for c in stack.fake.calls if c[1] == "/v1/billing/meter_events"]  # noqa: E731
-        await _until(lambda: len(posts()) >= 1, 30, "the drainer's first meter event")
-        _kill_group(drainer)  # after send, before the answer could be marked
-        await drainer.wait()
+        await until(lambda: len(posts()) >= 1, 30, "the drainer's first meter event")
+        drainer.kill_group()  # after send, before the answer could be marked
+        await drainer.proc.wait()
     finally:
-        _kill_group(drainer)
-    await _until(lambda: len(stack.fake.meter_events) >= 1, 5, "the fake to finish that call")
+        drainer.kill_group()
+    await until(lambda: len(stack.fake.meter_events) >= 1, 5, "the fake to finish that call")
     assert stack.unreported() == 120  # nothing was marked
     stack.fake.meter_event_delay = 0.0
-    once = await _start(stack, "drain", "--once")
-    assert await asyncio.wait_for(once.wait(), 60) == 0
+    once = await start_proxy(stack.serve, "drain", "--once")
+    assert await asyncio.wait_for(once.proc.wait(), 60) == 0
     assert stack.unreported() == 0
     assert stack.fake.total(stack.customer, METER) == 120
     ids = stack.fake.identifiers()
@@ -261,45 +198,38 @@ async def test_connection_dropped_after_stripe_accepted_is_not_billed_twice(
     await _fill(stack, 30)
     assert stack.spooled() == 30
     stack.fake.inject(Fault("POST /v1/billing/meter_events", "accept_then_drop"))
-    first = await _start(stack, "drain", "--once")
-    assert await asyncio.wait_for(first.wait(), 60) == 1  # something is left to retry
+    first = await start_proxy(stack.serve, "drain", "--once")
+    assert await asyncio.wait_for(first.proc.wait(), 60) == 1  # something is left to retry
     assert stack.fake.total(stack.customer, METER) == 30  # Stripe has it already
     assert stack.unreported() == 30
-    second = await _start(stack, "drain", "--once")
-    assert await asyncio.wait_for(second.wait(), 60) == 0
+    second = await start_proxy(stack.serve, "drain", "--once")
+    assert await asyncio.wait_for(second.proc.wait(), 60) == 0
     assert stack.unreported() == 0
     assert stack.fake.total(stack.customer, METER) == 30
     assert len(stack.fake.identifiers()) == len(set(stack.fake.identifiers())) == 1
 
 
-def _children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
-
-
 async def test_supervisor_restarts_a_killed_drainer(stack: Stack) -> None:
     async with aiohttp.ClientSession() as http:
-        serve = await _start(stack, "serve")
+        serve = await start_proxy(stack.serve, "serve")
         try:
-            await _ready(http, stack)
-            await _until(lambda: len(_children(serve.pid)) == 1, 20, "the drainer child")
-            (first,) = _children(serve.pid)
+            await serve.wait_healthy(http)
+            pid = serve.proc.pid
+            await until(lambda: len(children(pid)) == 1, 20, "the drainer child")
+            (first,) = children(pid)
             os.kill(first, signal.SIGKILL)
-            await _until(
-                lambda: _children(serve.pid) not in ([], [first]), 30, "a restarted drainer"
-            )
+            await until(lambda: children(pid) not in ([], [first]), 30, "a restarted drainer")
             for i in range(5):
                 async with http.post(
                     stack.url, json=call(i, "add"), headers=bearer(stack.key)
                 ) as r:
                     assert (await r.json())["result"]["isError"] is False
-            await _until(
+            await until(
                 lambda: stack.fake.total(stack.customer, METER) == 5,
                 30,
                 "the new drainer to deliver",
             )
-            serve.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(serve.wait(), 30) == 0
+            assert await serve.terminate(30) == 0
             assert stack.unreported() == 0
         finally:
-            _kill_group(serve)
+            serve.kill_group()

@@ -117,6 +117,24 @@ async def test_accepted_then_dropped_is_resent_and_counted_once(rig: Rig) -> Non
     assert (await rig.spool.backlog()).unreported == 0
 
 
+async def test_a_resend_after_stripe_forgot_its_idempotency_key_counts_as_delivered(
+    rig: Rig,
+) -> None:
+    """A day later the idempotency key is gone but the identifier is not: Stripe answers
+    "already exists", which means delivered, not rejected."""
+    a = rig.customers[0]
+    for _ in range(7):
+        await rig.append(a)
+    rig.fake.inject(Fault("POST /v1/billing/meter_events", "accept_then_drop"))
+    assert (await rig.drainer.cycle()).retries == 1
+    rig.fake.forget_idempotency_keys()
+    second = await rig.drainer.cycle()
+    assert (second.sent, second.duplicates, second.rejected, second.retries) == (0, 1, 0, 0)
+    assert rig.fake.total(a) == 7
+    backlog = await rig.spool.backlog()
+    assert (backlog.unreported, backlog.rejected_groups) == (0, 0)
+
+
 async def test_stripe_down_backlog_grows_then_drains_without_duplicates(rig: Rig) -> None:
     a, b, _ = rig.customers
     rig.fake.set_down(True)

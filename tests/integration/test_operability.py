@@ -30,7 +30,6 @@ from tests.ops_support import (
     family_names,
     get_json,
     label_values,
-    make_serve_stack,
     pending,
     poll,
     promtool,
@@ -39,6 +38,7 @@ from tests.ops_support import (
     scraped,
     serve_app,
     serving,
+    stripe_serve_stack,
     until,
 )
 from tests.proxy_harness import run_proxy
@@ -424,23 +424,19 @@ async def test_sigterm_lets_a_streaming_call_finish_then_bills_it(
     tmp_path: Path, redis_url: str, key_prefix: str, scripted: tuple[ScriptedUpstream, str]
 ) -> None:
     upstream, upstream_url = scripted
-    async with run_stripe_fake() as fake:
-        fake.add_meter(METER)
-        customer = fake.add_customer(name="acme")["id"]
-        stack = await make_serve_stack(
-            tmp_path,
-            redis_url=redis_url,
-            key_prefix=key_prefix,
-            upstream_url=upstream_url,
-            stripe_url=fake.url,
-            stripe_key=STRIPE_KEY,
-            customer=customer,
-            meter=METER,
-            ops={"readiness_delay_s": 1.5, "shutdown_grace_s": 20},
-            # Long enough that only the drainer's final attempt can deliver the call below.
-            drain={"interval_s": 30},
-            log_level="warning",
-        )
+    async with stripe_serve_stack(
+        tmp_path,
+        redis_url=redis_url,
+        key_prefix=key_prefix,
+        upstream_url=upstream_url,
+        stripe_key=STRIPE_KEY,
+        meter=METER,
+        ops={"readiness_delay_s": 1.5, "shutdown_grace_s": 20},
+        # Long enough that only the drainer's final attempt can deliver the call below.
+        drain={"interval_s": 30},
+        log_level="warning",
+    ) as (fake, stack):
+        customer = stack.customer
         probes = aiohttp.TCPConnector(force_close=True)
         async with (
             serving(stack) as serve,
@@ -519,22 +515,18 @@ async def test_sigterm_lets_a_streaming_call_finish_then_bills_it(
 async def test_sigterm_while_the_drainer_child_starts_still_makes_the_final_attempt(
     tmp_path: Path, redis_url: str, key_prefix: str, scripted: tuple[ScriptedUpstream, str]
 ) -> None:
-    async with run_stripe_fake() as fake:
-        fake.add_meter(METER)
-        customer = fake.add_customer(name="acme")["id"]
-        stack = await make_serve_stack(
-            tmp_path,
-            redis_url=redis_url,
-            key_prefix=key_prefix,
-            upstream_url=scripted[1],
-            stripe_url=fake.url,
-            stripe_key=STRIPE_KEY,
-            customer=customer,
-            meter=METER,
-            ops={"readiness_delay_s": 0, "shutdown_grace_s": 5},
-            drain={"interval_s": 30},
-            log_level="warning",
-        )
+    async with stripe_serve_stack(
+        tmp_path,
+        redis_url=redis_url,
+        key_prefix=key_prefix,
+        upstream_url=scripted[1],
+        stripe_key=STRIPE_KEY,
+        meter=METER,
+        ops={"readiness_delay_s": 0, "shutdown_grace_s": 5},
+        drain={"interval_s": 30},
+        log_level="warning",
+    ) as (fake, stack):
+        customer = stack.customer
         async with serving(stack) as serve, aiohttp.ClientSession() as http:
             await serve.wait_healthy(http)
             await until(lambda: bool(children(serve.proc.pid)), 10, "the drainer child")
@@ -566,23 +558,18 @@ async def test_logs_are_json_without_secrets_and_carry_request_ids(
 ) -> None:
     upstream, upstream_url = scripted
     stderr = tmp_path / "serve.stderr"
-    async with run_stripe_fake() as fake:
-        fake.add_meter(METER)
-        customer = fake.add_customer(name="acme")["id"]
-        stack = await make_serve_stack(
-            tmp_path,
-            redis_url=redis_url,
-            key_prefix=key_prefix,
-            upstream_url=upstream_url,
-            stripe_url=fake.url,
-            stripe_key=STRIPE_KEY,
-            customer=customer,
-            meter=METER,
-            tenant="acme-logs",
-            ops={"readiness_delay_s": 0},
-            drain={"interval_s": 0.2},
-            log_level="info",
-        )
+    async with stripe_serve_stack(
+        tmp_path,
+        redis_url=redis_url,
+        key_prefix=key_prefix,
+        upstream_url=upstream_url,
+        stripe_key=STRIPE_KEY,
+        meter=METER,
+        tenant="acme-logs",
+        ops={"readiness_delay_s": 0},
+        drain={"interval_s": 0.2},
+        log_level="info",
+    ) as (_, stack):
         key = stack.key
         secret = key.removeprefix("mqp_").partition("_")[2]
         assert len(secret) >= 20

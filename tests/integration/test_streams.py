@@ -168,3 +168,37 @@ async def test_a_metered_json_reply_goes_out_whole_with_its_length(
             assert r.headers["Content-Type"].startswith("application/json")
             assert await r.read() == direct
         assert [e.rpc_id for e in proxy.sink.events] == ["3"]
+
+
+@pytest.mark.parametrize("tool", ["odd_headers", "sse_odd_headers", "json_503"])
+async def test_status_reason_and_every_header_pass_through(
+    make_config: ConfigFactory, scripted: tuple[ScriptedUpstream, str], tool: str
+) -> None:
+    """Repeated headers (two Set-Cookie), unknown ones, a 5xx with its own reason and a JSON-RPC
+    body: the client sees what the upstream sent, whether the reply is read whole or streamed."""
+    _, url = scripted
+    config = make_config(upstream={"url": url}, plans={"free": {"included_units": 5}})
+    async with run_proxy(config) as proxy, aiohttp.ClientSession() as http:
+        key = await proxy.tenant_with_key("acme")
+        seen = []
+        for target, headers in ((url + "/mcp", {}), (proxy.url, bearer(key))):
+            async with http.post(target, json=call(4, tool), headers=headers) as r:
+                seen.append(
+                    (
+                        r.status,
+                        r.reason,
+                        r.headers.getall("Set-Cookie", []),
+                        r.headers.get("X-Upstream-Odd"),
+                        r.headers.get("Retry-After"),
+                        r.headers["Content-Type"],
+                        await r.read(),
+                    )
+                )
+        direct, proxied = seen
+        assert proxied == direct
+        if tool == "json_503":
+            assert direct[:2] == (503, "Busy Upstream")
+            assert await _used(proxy, "acme") == 0  # an error is not billed: refunded
+        else:
+            assert direct[2] == ["a=1; Path=/", "b=2; Path=/"] and direct[3] == "kept"
+            assert await _used(proxy, "acme") == 1

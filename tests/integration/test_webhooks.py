@@ -4,7 +4,6 @@ status to plan, and every replica enforcing the change within a second."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -12,12 +11,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-import stripe
 
 from proxy.clock import ManualClock
 from proxy.config import Config
 from tests.conftest import ConfigFactory
 from tests.fakes.upstream import ScriptedUpstream
+from tests.ops_support import post_webhook, sign_webhook
+from tests.ops_support import stripe_event as event
 from tests.proxy_harness import RunningProxy, run_proxy
 from tests.rpc import bearer, call
 
@@ -78,19 +78,6 @@ def subscription(
     }
 
 
-def event(evt_id: str, kind: str, created: int, obj: dict[str, Any]) -> bytes:
-    return json.dumps(
-        {
-            "id": evt_id,
-            "object": "event",
-            "type": kind,
-            "created": created,
-            "api_version": "2026-10-28.endive",
-            "data": {"object": obj},
-        }
-    ).encode()
-
-
 async def deliver(
     http: aiohttp.ClientSession,
     proxy: RunningProxy,
@@ -101,15 +88,8 @@ async def deliver(
     header: str | None = None,
 ) -> tuple[int, dict[str, Any]]:
     if header is None:
-        header = stripe.WebhookSignature.generate_signature_header(
-            body.decode(), secret, timestamp=int(time.time()) if ts is None else ts
-        )
-    async with http.post(
-        f"{proxy.base}/stripe/webhook",
-        data=body,
-        headers={"Stripe-Signature": header, "Content-Type": "application/json"},
-    ) as r:
-        return r.status, await r.json()
+        header = sign_webhook(body, secret, ts=ts)
+    return await post_webhook(http, proxy.base, body, header)
 
 
 @pytest.fixture
@@ -162,7 +142,7 @@ async def test_unverified_deliveries_are_400_and_change_nothing(
         kwargs["ts"] = int(time.time()) - 301
     async with aiohttp.ClientSession() as http:
         if tamper == "body_changed":
-            good = stripe.WebhookSignature.generate_signature_header(body.decode(), SECRET)
+            good = sign_webhook(body, SECRET)
             body = body.replace(b'"active"', b'"trialing"')
             kwargs["header"] = good
         status, reply = await deliver(http, proxy, body, **kwargs)
@@ -256,7 +236,9 @@ async def test_past_due_through_grace_to_restricted(proxy: RunningProxy) -> None
     engine = proxy.components.engine
     async with aiohttp.ClientSession() as http:
         await deliver(
-            http, proxy, event("e1", "customer.subscription.created", 100, subscription("active"))
+            http,
+            proxy,
+            event("e1", "customer.subscription.created", 100, subscription("active")),
         )
         failed_at = int(clock.time())
         invoice = {
@@ -355,7 +337,9 @@ async def test_redis_down_answers_503_so_stripe_retries(
         )
         private_redis.stop()
         status, reply = await deliver(
-            http, proxy, event("e1", "customer.subscription.created", 100, subscription("active"))
+            http,
+            proxy,
+            event("e1", "customer.subscription.created", 100, subscription("active")),
         )
     assert (status, reply["result"]) == (503, "store_unavailable")
 
@@ -383,7 +367,9 @@ async def test_a_webhook_on_one_replica_changes_the_other_within_a_second(
 
         assert [await refused_on_b(i) for i in range(3)] == [False, False, True]  # free: 2
         status, _ = await deliver(
-            http, a, event("e1", "customer.subscription.created", 100, subscription("active"))
+            http,
+            a,
+            event("e1", "customer.subscription.created", 100, subscription("active")),
         )
         assert status == 200
         applied = time.monotonic()
