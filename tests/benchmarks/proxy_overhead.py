@@ -41,6 +41,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import secrets
 import shlex
@@ -265,9 +266,17 @@ def status_kb(pid: int, key: str) -> int:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port below the ephemeral range: wrk's thousands of client sockets take ports from that
+    range, and one of them can land on a port picked there before its server binds it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.sample(range(low // 2, low), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port between {low // 2} and {low}")
 
 
 def port_open(port: int) -> bool:
