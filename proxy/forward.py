@@ -159,11 +159,10 @@ class McpProxy:
                 # Refused before reading: a slow sender of a huge body must not hold a handler.
                 return _too_large(self._cfg.proxy.max_body_bytes, {"Connection": "close", **cors})
             try:
-                if request.content.is_eof():  # arrived with the headers: nothing to wait for
+                # A body that arrived with the headers needs no timer (one less per call).
+                arrived = request.content.is_eof()
+                async with asyncio.timeout(None if arrived else self._cfg.proxy.body_timeout_s):
                     body = await request.read()
-                else:
-                    async with asyncio.timeout(self._cfg.proxy.body_timeout_s):
-                        body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 return _too_large(self._cfg.proxy.max_body_bytes, cors)
             except RequestPayloadError:  # e.g. a body that is not the gzip it claims

@@ -184,7 +184,6 @@ class Spool:
         self._path = Path(path)
         self._synchronous = synchronous.upper()
         self._inline: sqlite3.Connection | None = None  # opened by the first inline commit
-        self._inline_ok = self._synchronous == "NORMAL"
         self._checkpoint_commits = checkpoint_commits
         self._uncheckpointed = 0
         self._checkpoint: asyncio.Task[None] | None = None
@@ -283,8 +282,8 @@ class Spool:
 
     def _commit_inline(self, sql: str, values: list[object]) -> bool:
         """Commit on the loop's thread if that cannot wait; False: use SQLite's thread."""
-        if not self._inline_ok:
-            return False
+        if self._synchronous != "NORMAL":
+            return False  # an fsync per commit must not run on the loop
         checkpointing = self._checkpoint is not None and not self._checkpoint.done()
         if checkpointing and self._uncheckpointed >= 4 * self._checkpoint_commits:
             return False  # the checkpoint lags (a busy machine): queue behind it, not ahead
