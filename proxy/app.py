@@ -8,7 +8,6 @@ import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import aiohttp
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -32,6 +31,7 @@ from .settle import Settler
 from .store import StoreClients, StoreGuard, connect
 from .tasks import TaskSet
 from .tenants import TenantStore
+from .upstream import UpstreamClient
 from .usage.sink import UsageSink
 from .usage.spool import Spool
 
@@ -216,21 +216,12 @@ async def _metrics(request: web.Request) -> web.Response:
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     c = app[COMPONENTS]
-    http = aiohttp.ClientSession(
-        auto_decompress=False,  # forward bytes untouched
-        # No total timeout: SSE streams and long tool calls run as long as the upstream wants.
-        timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=c.config.upstream.connect_timeout_s, sock_read=None
-        ),
-        connector=aiohttp.TCPConnector(limit=0),  # each open SSE stream holds a connection
-        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-        # One session serves every tenant: a cookie the upstream sets for one must never be
-        # sent back on another's request (the client's own Cookie header is not forwarded).
-        cookie_jar=aiohttp.DummyCookieJar(),
-    )
+    # No read timeout: SSE streams and long tool calls run as long as the upstream wants.
+    # It keeps no cookies: one client serves every tenant.
+    upstream = UpstreamClient(c.config.upstream.url, c.config.upstream.connect_timeout_s)
     c.proxy = McpProxy(
         c.config,
-        http,
+        upstream,
         c.directory,
         c.sessions,
         Settler(
@@ -269,7 +260,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         if isinstance(c.sink, Spool):
             await c.sink.close()
         await c.directory.stop()
-        await http.close()
+        await upstream.close()
         if stripe_http is not None:
             await stripe_http.close_async()  # type: ignore[no-untyped-call]
         await c.stores.close()

@@ -7,12 +7,10 @@ import asyncio
 import time
 from typing import Any
 
-import aiohttp
 import orjson
 import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
-from yarl import URL
 
 from .auth import extract_key
 from .billing.plansync import effective_plan
@@ -55,6 +53,7 @@ from .sse import SSEEventTooLarge, SSEParser
 from .store import StoreUnavailable
 from .tasks import TaskSet
 from .tenants import Tenant
+from .upstream import UpstreamBroken, UpstreamClient, UpstreamResponse, UpstreamUnreachable
 from .usage.spool import SpoolError
 
 log = structlog.get_logger(__name__)
@@ -66,7 +65,7 @@ class McpProxy:
     def __init__(
         self,
         cfg: Config,
-        http: aiohttp.ClientSession,
+        upstream: UpstreamClient,
         directory: Directory,
         sessions: Sessions,
         settler: Settler,
@@ -77,14 +76,13 @@ class McpProxy:
     ) -> None:
         self._m = metrics
         self._cfg = cfg
-        self._http = http
+        self._upstream = upstream
         self._directory = directory
         self._sessions = sessions
         self._settler = settler
         self._engine = engine
         self._clock = clock
         self._tasks = tasks
-        self._urls: dict[str, URL] = {}
 
     # --- the request path -----------------------------------------------------------------
 
@@ -262,23 +260,21 @@ class McpProxy:
             request.headers.items(), self._cfg.proxy.tenant_header, tenant.id
         )
         headers["X-Request-Id"] = request_id
-        url = self._upstream_url(request.path_qs)
         resumable = False
         try:
             try:
-                upstream = self._http.request(
-                    request.method, url, headers=headers, data=body or None, allow_redirects=False
-                )
                 sent = time.perf_counter()
                 self._m.overhead_seconds.observe(sent - ctx.started)
-                up = await upstream.__aenter__()
+                up = await self._upstream.request(
+                    request.method, request.path_qs, headers.items(), body
+                )
                 ctx.upstream_s = time.perf_counter() - sent
                 self._m.child(self._m.upstream_seconds, ctx.method).observe(ctx.upstream_s)
                 ctx.upstream_status = up.status
-            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            except UpstreamUnreachable as exc:
                 ctx.outcome = "upstream_unreachable"
                 await self._refund(outstanding)
-                log.warning("upstream_unreachable", error=type(exc).__name__)
+                log.warning("upstream_unreachable", error=str(exc))
                 return rpc_error_reply(
                     502,
                     UPSTREAM_UNAVAILABLE,
@@ -307,7 +303,7 @@ class McpProxy:
                     # one write with Content-Length instead of chunks.
                     try:
                         raw = await self._settle_json(up, outstanding, gated.list_ids, hidden, ctx)
-                    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+                    except UpstreamBroken as exc:
                         # Nothing was sent yet, so the client can get a clean answer.
                         ctx.outcome = "upstream_broken"
                         await self._refund(outstanding)
@@ -344,7 +340,7 @@ class McpProxy:
                     if streaming:
                         self._m.open_streams.inc()
                     try:
-                        async for chunk in up.content.iter_any():
+                        async for chunk in up.iter_any():
                             await resp.write(chunk)
                     finally:
                         if streaming:
@@ -361,15 +357,17 @@ class McpProxy:
                 await resp.write_eof()
                 return resp
             finally:
-                await upstream.__aexit__(None, None, None)
-        except aiohttp.ClientPayloadError:
+                self._upstream.release(up)
+        except UpstreamBroken:
+            # Re-raised so aiohttp cuts the client's transfer short: after the head went out,
+            # an unfinished body is the only honest signal left.
             log.warning("upstream_stream_broken", request_id=request_id)
             raise
         except SSEEventTooLarge as exc:
             # Nothing can be forwarded after a cut event: end the client's transfer unfinished,
             # as for a broken upstream stream (the finally below refunds what is outstanding).
             log.warning("upstream_event_too_large", request_id=request_id, error=str(exc))
-            raise aiohttp.ClientPayloadError("upstream SSE event too large") from exc
+            raise UpstreamBroken("upstream SSE event too large") from exc
         finally:
             if outstanding:
                 # Cancelled (client went away) or failed mid-stream: refund off the handler's
@@ -378,20 +376,11 @@ class McpProxy:
                 outstanding.clear()
                 self._tasks.spawn(self._refund_calls(calls), name="refund")
 
-    def _upstream_url(self, path_qs: str) -> URL:
-        """Parsed once per path: yarl's parsing is a visible share of a request's CPU."""
-        url = self._urls.get(path_qs)
-        if url is None:
-            if len(self._urls) >= 64:  # paths come from clients: keep the cache bounded
-                self._urls.clear()
-            url = self._urls[path_qs] = URL(self._cfg.upstream.url + path_qs)
-        return url
-
     # --- pumps ------------------------------------------------------------------------------
 
     async def _pump_sse(
         self,
-        up: aiohttp.ClientResponse,
+        up: UpstreamResponse,
         resp: web.StreamResponse,
         outstanding: dict[RpcId, PendingCall],
         list_ids: set[RpcId],
@@ -403,7 +392,7 @@ class McpProxy:
         Returns whether the stream carried event ids (so the client can resume it)."""
         parser = SSEParser()
         saw_id = False
-        async for chunk in up.content.iter_any():
+        async for chunk in up.iter_any():
             out: list[bytes] = []
             for event in parser.feed(chunk):
                 saw_id = saw_id or event.id is not None
@@ -430,7 +419,7 @@ class McpProxy:
 
     async def _settle_json(
         self,
-        up: aiohttp.ClientResponse,
+        up: UpstreamResponse,
         outstanding: dict[RpcId, PendingCall],
         list_ids: set[RpcId],
         hidden: frozenset[str],
@@ -439,13 +428,13 @@ class McpProxy:
         """Read a whole JSON reply, settle the calls it answers, and return what the client
         gets (the same bytes unless a tools/list was filtered)."""
         if (up.content_length or 0) > MAX_METERED_JSON:
-            raise aiohttp.ClientPayloadError("upstream JSON reply too large to meter")
+            raise UpstreamBroken("upstream JSON reply too large to meter")
         chunks: list[bytes] = []
         size = 0
-        async for chunk in up.content.iter_any():
+        async for chunk in up.iter_any():
             size += len(chunk)
             if size > MAX_METERED_JSON:
-                raise aiohttp.ClientPayloadError("upstream JSON reply too large to meter")
+                raise UpstreamBroken("upstream JSON reply too large to meter")
             chunks.append(chunk)
         raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         try:

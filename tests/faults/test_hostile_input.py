@@ -35,6 +35,7 @@ from multidict import CIMultiDict
 
 from proxy.config import Config
 from proxy.serve import run_server
+from proxy.upstream import UpstreamBroken
 from tests.conftest import ConfigFactory
 from tests.proxy_harness import RunningProxy, local_server, run_proxy
 from tests.redis_server import free_port
@@ -1452,7 +1453,7 @@ async def test_upstream_garbage_gets_a_clean_answer_and_a_refund(
     assert len(up.got) == 1
     # A broken upstream stream is re-raised on purpose (forward.py logs upstream_stream_broken
     # and re-raises so aiohttp aborts the client's transfer); nothing else may escape.
-    assert unhandled(caplog, aiohttp.ClientPayloadError) == []
+    assert unhandled(caplog, UpstreamBroken) == []
 
 
 async def test_an_sse_event_over_the_parser_limit_is_an_upstream_fault_not_a_crash(
@@ -1468,4 +1469,4 @@ async def test_an_sse_event_over_the_parser_limit_is_an_upstream_fault_not_a_cra
                 async with http.post(proxy.url, data=tools_call(1), headers=bearer(key)) as r:
                     await r.read()
         await eventually(lambda: quota(proxy), (0, 0), what="refund")
-    assert unhandled(caplog, aiohttp.ClientPayloadError) == []
+    assert unhandled(caplog, UpstreamBroken) == []
