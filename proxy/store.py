@@ -81,7 +81,9 @@ def connect(cfg: RedisConfig) -> StoreClients:
     )
     main = Redis.from_pool(pool)  # closing the client closes its pool
     quota = (
-        PipelinedRedis(cfg.url, connect_timeout=timeout, stall_s=max(1.0, 4 * timeout))
+        PipelinedRedis(
+            cfg.url, connect_timeout=timeout, stall_s=max(1.0, 4 * timeout), deadline_s=timeout
+        )
         if pipelined_supports(cfg.url)
         else None
     )
@@ -133,11 +135,16 @@ class StoreGuard:
     def state(self) -> BreakerState:
         return self.breaker.state
 
-    async def run(self, op: Callable[[], Awaitable[T]]) -> T:
+    async def run(self, op: Callable[[], Awaitable[T]], *, timed: bool = True) -> T:
+        """`timed=False` when the op enforces the same deadline itself (the pipelined
+        client does, without a timer per call)."""
         if not self.breaker.allow():
             raise StoreUnavailable("circuit open")
         try:
-            async with asyncio.timeout(self._timeout):
+            if timed:
+                async with asyncio.timeout(self._timeout):
+                    result = await op()
+            else:
                 result = await op()
         except STORE_ERRORS as exc:
             self.breaker.failure()

@@ -96,7 +96,8 @@ class QuotaEngine:
                     tolerance_us=tolerance_us,
                     now_us=now_us,
                     deadline_ms=now_us // 1000 + self._ttl_ms,
-                )
+                ),
+                timed=not self._storage.reserve_has_deadline,
             )
         except StoreUnavailable:
             outcome = Outcome.DEGRADED if self._fail_open else Outcome.UNAVAILABLE

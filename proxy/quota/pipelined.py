@@ -6,6 +6,10 @@ command packing, per-call timeouts). This one is an asyncio Protocol: no reader 
 stream buffers, and the commands asked for in one turn of the event loop leave in one write.
 It is used only for the quota scripts on a single Redis node; everything else (admin,
 pub/sub, Redis Cluster, TLS, unix sockets) stays on redis-py.
+
+Given `deadline_s`, each command fails with TimeoutError once it has waited that long. One
+watchdog timer per connection enforces it, re-armed for the oldest waiter, rather than a timer
+per call (asyncio.timeout costs more than the rest of a call's client work).
 """
 
 from __future__ import annotations
@@ -43,13 +47,21 @@ class _Connection(asyncio.Protocol):
     a waiter that gave up leaves its future there, done, and its reply is read and dropped,
     so the order never slips."""
 
-    def __init__(self, on_lost: Callable[[_Connection], None]) -> None:
+    def __init__(
+        self,
+        on_lost: Callable[[_Connection], None],
+        deadline_s: float | None = None,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.transport: asyncio.Transport | None = None
         self.pending: deque[tuple[asyncio.Future[Any], float]] = deque()
         self.out: list[bytes] = []  # commands of this loop turn, written together
         self.closed = False
         self._parser = hiredis.Reader(encoding="utf-8")
         self._on_lost = on_lost
+        self._deadline_s = deadline_s
+        self._now = now
+        self._watchdog: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCP transport is not an asyncio.Transport subclass, but has its methods.
@@ -77,6 +89,26 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.drop(RedisConnectionError(str(exc) if exc else "Redis closed the connection"))
 
+    def watch(self) -> None:
+        """Arm the watchdog if it is not: called for each command sent."""
+        if self._watchdog is None and self._deadline_s is not None:
+            self._watchdog = asyncio.get_running_loop().call_later(self._deadline_s, self._expire)
+
+    def _expire(self) -> None:
+        """Fail the waiters whose deadline passed; sleep until the next one's. Their
+        entries stay in `pending`: the replies still come, in order, and are dropped."""
+        self._watchdog = None
+        assert self._deadline_s is not None
+        now = self._now()
+        for future, sent in self.pending:
+            if future.done():
+                continue
+            due = sent + self._deadline_s
+            if due > now:
+                self._watchdog = asyncio.get_running_loop().call_later(due - now, self._expire)
+                return
+            _fail(future, TimeoutError(f"Redis did not answer within {self._deadline_s} s"))
+
     def flush(self) -> None:
         if not self.out or self.closed:
             return
@@ -93,6 +125,9 @@ class _Connection(asyncio.Protocol):
             return
         self.closed = True
         self.out.clear()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         while self.pending:
             future, _ = self.pending.popleft()
             if not future.done():
@@ -109,9 +144,11 @@ class PipelinedRedis:
         *,
         connect_timeout: float,
         stall_s: float,
+        deadline_s: float | None = None,
         now: Callable[[], float] = time.monotonic,
     ) -> None:
         self._now = now
+        self._deadline_s = deadline_s
         parts = urlsplit(url)
         self._host = parts.hostname or "127.0.0.1"
         self._port = parts.port or 6379
@@ -126,13 +163,21 @@ class PipelinedRedis:
         self._scripts: dict[str, str] = {}
         self._loads: dict[str, asyncio.Future[Any]] = {}  # one SCRIPT LOAD per script at once
 
+    @property
+    def enforces_deadline(self) -> bool:
+        return self._deadline_s is not None
+
     async def execute(self, *args: Arg) -> Any:
         conn = self._conn
         if conn is not None and conn.pending and self._now() - conn.pending[0][1] > self._stall_s:
             conn.drop(RedisConnectionError("Redis stopped answering on this connection"))
             conn = None
         if conn is None:
-            conn = await self._connect()
+            if self._deadline_s is None:
+                conn = await self._connect()
+            else:
+                async with asyncio.timeout(self._deadline_s):  # waiting for the lock included
+                    conn = await self._connect()
         return await self._send(conn, args)
 
     def _send(self, conn: _Connection, args: Sequence[Arg]) -> asyncio.Future[Any]:
@@ -141,6 +186,7 @@ class PipelinedRedis:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         conn.pending.append((future, self._now()))
+        conn.watch()
         conn.out.append(encode(args))
         if len(conn.out) == 1:
             loop.call_soon(conn.flush)
@@ -153,7 +199,9 @@ class PipelinedRedis:
             loop = asyncio.get_running_loop()
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(self._lost), self._host, self._port
+                    lambda: _Connection(self._lost, self._deadline_s, self._now),
+                    self._host,
+                    self._port,
                 )
                 try:
                     for command in self._hello():

@@ -103,6 +103,11 @@ class QuotaStorage:
         self._reserve = Script(redis, _script("reserve.lua"))
         self._settle = Script(redis, _script("settle.lua"))
 
+    @property
+    def reserve_has_deadline(self) -> bool:
+        """Whether reserve() fails by itself after the store's timeout."""
+        return self._fast is not None and self._fast.enforces_deadline
+
     async def load_scripts(self) -> None:
         """Put both scripts in the store's script cache (every master of a cluster), so the
         first calls after start-up do not all meet NOSCRIPT at once."""

@@ -100,6 +100,43 @@ async def test_a_frozen_server_resets_the_connection(private_redis: RedisServer)
         await client.aclose()
 
 
+async def test_each_command_fails_at_its_own_deadline_and_late_replies_are_dropped(
+    private_redis: RedisServer,
+) -> None:
+    """The store guard sets no timer per call on this client: its watchdog fails each
+    waiter once it has waited deadline_s (by the injected clock), a later one not earlier."""
+    clock = ManualClock()
+    client = PipelinedRedis(
+        private_redis.url, connect_timeout=1.0, stall_s=60.0, deadline_s=0.05, now=clock.monotonic
+    )
+    assert private_redis.proc is not None
+    try:
+        assert await client.evalsha(ECHO, ["a"], [1]) == ["a", "1"]
+        private_redis.proc.send_signal(signal.SIGSTOP)
+        early = [asyncio.ensure_future(client.evalsha(ECHO, [f"e{i}"], [i])) for i in range(20)]
+        await asyncio.sleep(0)  # sent at clock 0
+        clock.advance(0.04)
+        late = asyncio.ensure_future(client.evalsha(ECHO, ["late"], [0]))  # due at 0.09
+        await asyncio.sleep(0)
+        clock.advance(0.02)  # 0.06: past the early ones' deadline only
+        await until(lambda: all(f.done() for f in early), 5, "the early commands to time out")
+        for f in early:
+            with pytest.raises(TimeoutError):
+                f.result()
+        assert not late.done()
+        clock.advance(0.04)  # 0.10: past the late one's too
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(late, 5)
+        private_redis.proc.send_signal(signal.SIGCONT)
+        # The 21 late replies are read and dropped, in order: the next caller gets its own.
+        assert await client.evalsha(ECHO, ["b"], [2]) == ["b", "2"]
+        assert client._conn is not None and not client._conn.pending
+    finally:
+        if private_redis.proc is not None:
+            private_redis.proc.send_signal(signal.SIGCONT)
+        await client.aclose()
+
+
 async def test_callers_that_all_meet_noscript_share_one_load(private_redis: RedisServer) -> None:
     client = PipelinedRedis(private_redis.url, connect_timeout=1.0, stall_s=5.0)
     admin = redis.Redis(port=private_redis.port, decode_responses=True)
