@@ -45,10 +45,10 @@ CORS_EXPOSE_HEADERS = "Mcp-Session-Id, MCP-Protocol-Version, WWW-Authenticate, R
 CORS_ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
 
 
-def _connection_tokens(headers: CIMultiDict[str]) -> set[str]:
+def _connection_tokens(pairs: Iterable[tuple[str, str]]) -> frozenset[str]:
     # Repeated Connection lines form one list (RFC 9110 5.3).
-    value = ",".join(headers.getall("Connection", []))
-    return {t.strip().lower() for t in value.split(",") if t.strip()}
+    value = ",".join(v for k, v in pairs if k.lower() == "connection")
+    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
 
 
 def upstream_request_headers(
@@ -56,14 +56,22 @@ def upstream_request_headers(
     tenant_header: str,
     tenant_id: str,
 ) -> CIMultiDict[str]:
-    source = CIMultiDict(incoming)
-    drop = _REQUEST_DROP | _connection_tokens(source)
+    # One pass, no copies: this runs on every call.
+    pairs = list(incoming.items() if isinstance(incoming, Mapping) else incoming)
+    hop = _connection_tokens(pairs)
     tenant = _fold(tenant_header)
-    # CGI/WSGI-style servers read X-MCP-Tenant and X_MCP_Tenant as one variable: a client's
-    # spelling with underscores must not shadow the tenant the proxy vouches for.
-    out: CIMultiDict[str] = CIMultiDict(
-        (k, v) for k, v in source.items() if k.lower() not in drop and _fold(k) != tenant
-    )
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in pairs:
+        low = k.lower()
+        # CGI/WSGI-style servers read X-MCP-Tenant and X_MCP_Tenant as one variable: a
+        # client's spelling with underscores must not shadow the tenant the proxy vouches for.
+        if low in _REQUEST_DROP or low in hop or low.replace("_", "-") == tenant:
+            continue
+        out.add(k, v)
+    if "Accept" not in out:
+        # No Accept means any type (RFC 9110 12.5.1), but the MCP SDK's servers answer 406 to
+        # a request without one: say it explicitly, as aiohttp's client did here before.
+        out["Accept"] = "*/*"
     out[tenant_header] = tenant_id
     return out
 
@@ -73,9 +81,11 @@ def _fold(name: str) -> str:
 
 
 def downstream_response_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]:
-    source = CIMultiDict(upstream)
-    drop = _RESPONSE_DROP | _connection_tokens(source)
-    return CIMultiDict((k, v) for k, v in source.items() if k.lower() not in drop)
+    pairs = list(upstream.items())
+    hop = _connection_tokens(pairs)
+    return CIMultiDict(
+        (k, v) for k, v in pairs if (low := k.lower()) not in _RESPONSE_DROP and low not in hop
+    )
 
 
 def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:

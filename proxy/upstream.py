@@ -14,23 +14,25 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from base64 import b64encode
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import cast
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-# Body bytes buffered for a slow reader before the upstream socket stops being read.
+# Body bytes buffered for a slow reader before the upstream socket stops being read; it is
+# read again once the reader has taken everything buffered.
 HIGH_WATER = 256 * 1024
-LOW_WATER = 64 * 1024
 # A response head larger than this is refused (llhttp itself sets no bound).
 MAX_HEAD_BYTES = 256 * 1024
 # Idle connections older than this are closed rather than reused: it stays below common
-# server keep-alive timeouts (uvicorn 5 s), so a request rarely meets a connection the
-# server is closing at that moment.
-IDLE_TIMEOUT_S = 2.0
+# server keep-alive timeouts (gunicorn 2 s, uvicorn and Node 5 s), and below half of what a
+# server announces in `Keep-Alive: timeout=N`, so that a request rarely meets a connection
+# the server is closing at that moment (a POST is never retried).
+IDLE_TIMEOUT_S = 1.0
 MAX_IDLE = 256
 # Methods that are retried once when a reused connection closes before any reply (the
 # server closed it while idle). A POST is never retried: it might have run.
@@ -43,6 +45,18 @@ class UpstreamUnreachable(Exception):
 
 class UpstreamBroken(Exception):
     """The response began but broke off or was malformed after its head."""
+
+
+def _keep_alive_timeout(value: str) -> float | None:
+    """`Keep-Alive: timeout=5, max=100` -> 5.0 (RFC 2068 19.7.1.1); None if absent."""
+    for part in value.split(","):
+        name, _, number = part.partition("=")
+        if name.strip().lower() == "timeout":
+            try:
+                return max(0.0, float(number.strip()))
+            except ValueError:
+                return None
+    return None
 
 
 def _decode(raw: bytes) -> str:
@@ -107,8 +121,9 @@ class UpstreamResponse:
         self._wake()
 
     def _finish(self) -> None:
-        self._complete = True
-        self._wake()
+        if self._error is None:
+            self._complete = True
+            self._wake()
 
     def _fail(self, exc: Exception) -> None:
         if self._complete or self._error is not None:
@@ -134,13 +149,15 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
         self.last_got_bytes = False  # whether the last failed exchange saw any reply byte
+        self.keep_alive_s: float | None = None  # what the server announced, if it did
         self._response: UpstreamResponse | None = None
         self._parser: httptools.HttpResponseParser | None = None
         self._paused = False
         self._reusable = True
         self._reason = bytearray()
         self._headers: list[tuple[str, str]] = []
-        self._head_bytes = 0
+        self._head_bytes = 0  # bytes of whole reads that were all head
+        self._head_size = 0  # the head as parsed so far
         self._informational = False
         self._eof_ends = False
 
@@ -157,21 +174,24 @@ class _Connection(asyncio.Protocol):
             self.close()
             return
         resp.got_bytes = True
-        if not resp.head.done():
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES:
-                self._abort(UpstreamUnreachable(f"response head over {MAX_HEAD_BYTES} bytes"))
-                return
         assert self._parser is not None
+        if not resp.head.done() and self._head_bytes > MAX_HEAD_BYTES:
+            # llhttp holds a header being received in memory until it ends: bound that.
+            self._abort(UpstreamUnreachable(f"response head over {MAX_HEAD_BYTES} bytes"))
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._abort(UpstreamBroken("the upstream switched protocols"))
+            self._abort(UpstreamUnreachable("the upstream switched protocols"))
+            return
         except httptools.HttpParserError as exc:
             if resp.head.done():
                 self._abort(UpstreamBroken(f"malformed response body: {exc}"))
             else:
                 self._abort(UpstreamUnreachable(f"malformed response head: {exc}"))
+            return
+        if not resp.head.done() and not resp.complete:
+            self._head_bytes += len(data)  # counted only once it is known to be all head
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._reusable = False
@@ -191,12 +211,15 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._reason.clear()
         self._headers = []
+        self._head_size = 0
 
     def on_status(self, status: bytes) -> None:
         self._reason += status  # may arrive in pieces
+        self._head_size += len(status)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((_decode(name), _decode(value)))
+        self._head_size += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
         assert self._parser is not None and self._response is not None
@@ -204,19 +227,34 @@ class _Connection(asyncio.Protocol):
             self._reusable = False
             return
         code = self._parser.get_status_code()
-        self._informational = 100 <= code < 200 and code != 101
+        resp = self._response
+        if self._head_size > MAX_HEAD_BYTES:
+            self._reusable = False
+            resp._fail(UpstreamUnreachable(f"response head over {MAX_HEAD_BYTES} bytes"))
+            return
+        if code == 101:  # nothing asked to switch protocols: not an answer to relay
+            self._reusable = False
+            resp._fail(UpstreamUnreachable("the upstream switched protocols"))
+            return
+        self._informational = 100 <= code < 200
         if self._informational:
             return  # e.g. 100 Continue: the real head follows
         headers = CIMultiDict(self._headers)
-        resp = self._response
         resp.status = code
         resp.reason = _decode(bytes(self._reason))
         resp.headers = CIMultiDictProxy(headers)
         resp.keep_alive = self._parser.should_keep_alive()
         length = headers.get("Content-Length")
         resp.content_length = int(length) if length is not None and length.isdigit() else None
-        chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
-        self._eof_ends = length is None and not chunked and code not in (204, 304)
+        coding = headers.get("Transfer-Encoding")
+        if coding is not None:  # llhttp reads to the end unless chunked is the last coding
+            self._eof_ends = coding.rpartition(",")[2].strip().lower() != "chunked"
+        else:
+            self._eof_ends = length is None
+        self._eof_ends = self._eof_ends and code not in (204, 304)
+        announced = headers.get("Keep-Alive")
+        if announced is not None:
+            self.keep_alive_s = _keep_alive_timeout(announced)
         resp.head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
@@ -238,8 +276,15 @@ class _Connection(asyncio.Protocol):
     def start(self, data: bytes) -> UpstreamResponse:
         assert self.transport is not None
         self._response = resp = UpstreamResponse(self, self._loop)
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser = parser = httptools.HttpResponseParser(self)
+        # As lenient as aiohttp's client parser was (servers in the wild send such replies).
+        parser.set_dangerous_leniencies(
+            lenient_headers=True,
+            lenient_optional_cr_before_lf=True,
+            lenient_spaces_after_chunk_size=True,
+        )
         self._head_bytes = 0
+        self._head_size = 0
         self._informational = False
         self._eof_ends = False
         self.transport.write(data)
@@ -275,6 +320,8 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         self._reusable = False
         self._client._forget(self)
+        if self._response is not None:  # our close is no end of the reply (even without length)
+            self._response._fail(UpstreamBroken("the connection was closed by the proxy"))
         if self.transport is not None:
             self.transport.close()
 
@@ -301,11 +348,13 @@ class UpstreamClient:
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
-        netloc = parts.netloc.rpartition("@")[2]  # never send userinfo
-        self._prefix = (
-            f"\r\nHost: {netloc}\r\n".encode("ascii"),
-            parts.path.rstrip("/"),
-        )
+        netloc = parts.netloc.rpartition("@")[2]
+        host_line = f"\r\nHost: {netloc}\r\n"
+        if parts.username is not None:
+            # user:password@ in the URL is the upstream's own credential (as aiohttp sent it).
+            userinfo = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            host_line += f"Authorization: Basic {b64encode(userinfo.encode()).decode()}\r\n"
+        self._prefix = (host_line.encode("ascii"), parts.path.rstrip("/"))
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
         self._clock = clock
@@ -399,7 +448,10 @@ class UpstreamClient:
             conn = idle.pop()  # the most recently used: the least likely to be stale
             if not conn.usable:
                 continue
-            if now - conn.idle_since > self._idle_timeout:
+            limit = self._idle_timeout
+            if conn.keep_alive_s is not None:
+                limit = min(limit, conn.keep_alive_s / 2)
+            if now - conn.idle_since > limit:
                 # This one and every older one: closed rather than risked.
                 conn.close()
                 while idle:

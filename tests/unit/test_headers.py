@@ -110,14 +110,15 @@ def test_upstream_sets_tenant_header_with_custom_name() -> None:
 
 def test_upstream_sets_tenant_header_when_client_sent_none() -> None:
     out = forwarded([])
-    assert list(out.items()) == [(TENANT_HEADER, TENANT)]
+    # No Accept is "anything" (RFC 9110); the MCP SDK's servers want it said explicitly.
+    assert list(out.items()) == [("Accept", "*/*"), (TENANT_HEADER, TENANT)]
 
 
 def test_upstream_accepts_a_mapping() -> None:
     out = upstream_request_headers(
         {"Authorization": "Bearer k", "Mcp-Session-Id": "s"}, TENANT_HEADER, TENANT
     )
-    assert dict(out) == {"Mcp-Session-Id": "s", TENANT_HEADER: TENANT}
+    assert dict(out) == {"Mcp-Session-Id": "s", "Accept": "*/*", TENANT_HEADER: TENANT}
 
 
 def test_upstream_keeps_repeated_headers() -> None:
@@ -205,4 +206,4 @@ def test_origin_allowed(origin: str | None, allowed: tuple[str, ...], ok: bool) 
 def test_upstream_drops_the_tenant_header_spelt_with_underscores(name: str) -> None:
     # CGI/WSGI servers map "-" and "_" to the same variable name.
     out = forwarded([(name, "victim"), ("X_Other", "kept")])
-    assert list(out.items()) == [("X_Other", "kept"), (TENANT_HEADER, TENANT)]
+    assert list(out.items()) == [("X_Other", "kept"), ("Accept", "*/*"), (TENANT_HEADER, TENANT)]

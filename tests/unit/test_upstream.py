@@ -16,6 +16,7 @@ from proxy.upstream import (
     UpstreamBroken,
     UpstreamClient,
     UpstreamUnreachable,
+    _Connection,
 )
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
@@ -299,3 +300,119 @@ async def test_cr_or_lf_in_a_header_is_refused_before_anything_is_sent(
 def test_only_http_urls_are_accepted() -> None:
     with pytest.raises(ValueError, match="http"):
         UpstreamClient("ftp://example.com", connect_timeout=1)
+
+
+class _Transport:
+    """Enough of an asyncio transport to drive one connection's parsing by hand."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def close(self) -> None:
+        self.closing = True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def test_body_bytes_in_the_read_that_ends_the_head_do_not_count_as_head() -> None:
+    client = UpstreamClient("http://127.0.0.1:9", connect_timeout=1)
+    conn = _Connection(client)
+    conn.connection_made(_Transport())  # type: ignore[arg-type]
+    resp = conn.start(b"POST / HTTP/1.1\r\n\r\n")
+    body = b"x" * MAX_HEAD_BYTES
+    conn.data_received(b"HTTP/1.1 200 OK\r\n")  # a read that is all head...
+    # ...then one that ends the head and carries a body as large as the head limit.
+    conn.data_received(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    assert resp.head.done() and resp.head.exception() is None
+    assert (resp.status, resp.complete) == (200, True)
+    assert await resp.read() == body
+
+
+async def test_a_head_that_never_ends_is_cut_off() -> None:
+    async with scripted(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (4 * MAX_HEAD_BYTES)) as (_, client):
+        with pytest.raises(UpstreamUnreachable, match="head over"):
+            await call(client)
+
+
+async def test_a_switch_of_protocols_is_not_relayed() -> None:
+    reply = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    async with scripted(reply) as (_, client):
+        with pytest.raises(UpstreamUnreachable, match="switched protocols"):
+            await call(client)
+        assert client.open_connections == 0
+
+
+async def test_closing_the_client_breaks_a_reply_that_ends_at_close() -> None:
+    # Without a length a reply ends when the connection does: but not when it is the proxy
+    # that closes it (shutdown), which must not pass a truncated reply off as whole.
+    async with scripted(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npart") as (_, client):
+        up = await client.request("POST", "/mcp", [], b"{}")
+        await client.close()
+        with pytest.raises(UpstreamBroken):
+            await up.read()
+
+
+async def test_a_reply_whose_last_coding_is_not_chunked_ends_at_close() -> None:
+    def gzip_until_close(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n\x1f\x8b-bytes")
+        writer.close()
+
+    async with scripted(gzip_until_close) as (_, client):
+        assert await call(client) == (200, "OK", b"\x1f\x8b-bytes")
+
+
+async def test_a_keep_alive_timeout_the_server_announces_shortens_reuse() -> None:
+    now = [0.0]
+    announced = b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=1, max=100\r\nContent-Length: 2\r\n\r\n{}"
+    script = Scripted([announced, announced, announced])
+    server = await asyncio.start_server(script.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = UpstreamClient(
+        f"http://127.0.0.1:{port}", connect_timeout=5, idle_timeout=60, clock=lambda: now[0]
+    )
+    try:
+        await call(client)
+        now[0] = 0.4
+        await call(client)
+        assert script.connections == 1
+        now[0] = 1.0  # idle 0.6 s: past half of the server's 1 s
+        await call(client)
+        assert script.connections == 2
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_replies_as_loose_as_aiohttp_accepted_still_parse() -> None:
+    # Bare LF line ends and spaces after a chunk size: seen from real servers.
+    reply = b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n\n2 \r\n{}\r\n0\r\n\r\n"
+    async with scripted(reply) as (_, client):
+        assert await call(client) == (200, "OK", b"{}")
+
+
+async def test_credentials_in_the_upstream_url_go_as_basic_auth() -> None:
+    script = Scripted([OK])
+    server = await asyncio.start_server(script.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = UpstreamClient(f"http://svc:p%40ss@127.0.0.1:{port}", connect_timeout=5)
+    try:
+        await call(client)
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()
+    head = script.requests[0].decode()
+    assert f"\r\nHost: 127.0.0.1:{port}\r\n" in head  # no userinfo in Host
+    assert "\r\nAuthorization: Basic c3ZjOnBAc3M=\r\n" in head  # svc:p@ss
