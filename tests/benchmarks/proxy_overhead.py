@@ -97,12 +97,13 @@ STATS_RE = re.compile(
     r"STATS requests=(\d+) duration_us=(\d+) status_errors=(\d+) connect_errors=(\d+) "
     r"read_errors=(\d+) write_errors=(\d+) timeouts=(\d+)"
 )
-MAIN_TARGETS = ("direct", "nginx", "bare", "proxy")
+MAIN_TARGETS = ("direct", "nginx", "bare", "bare-ours", "proxy")
 SDK_TARGETS = ("sdk-direct", "sdk-proxy")
 LABELS = {
     "direct": "minimal upstream, direct",
     "nginx": "nginx → upstream",
     "bare": "bare aiohttp forwarder → upstream",
+    "bare-ours": "bare forwarder on the proxy's upstream client → upstream",
     "proxy": "mcp-quota-proxy → upstream",
     "sdk-direct": "SDK upstream, direct",
     "sdk-proxy": "mcp-quota-proxy → SDK upstream",
@@ -443,7 +444,9 @@ def start_proxy(h: Harness, stack_env: dict[str, str], name: str, upstream_port:
 
 def start_stack(h: Harness, tools: dict[str, str], with_sdk: bool) -> Stack:
     py = sys.executable
-    redis_port, up_port, sdk_port, nginx_port, bare_port = (free_port() for _ in range(5))
+    redis_port, up_port, sdk_port, nginx_port, bare_port, ours_port = (
+        free_port() for _ in range(6)
+    )
     redis = h.spawn(
         "redis",
         [
@@ -497,6 +500,16 @@ def start_stack(h: Harness, tools: dict[str, str], with_sdk: bool) -> Stack:
         ],
         SUT_CPU,
     )  # fmt: skip
+    ours = h.spawn(
+        "bare-ours",
+        [
+            py, "-m", "tests.benchmarks.bare_forwarder",
+            "--port", str(ours_port),
+            "--upstream", f"http://127.0.0.1:{up_port}/mcp",
+            "--client", "proxy",
+        ],
+        SUT_CPU,
+    )  # fmt: skip
     h.wait_port(redis, redis_port)
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     pepper = secrets.token_urlsafe(32)
@@ -514,12 +527,20 @@ def start_stack(h: Harness, tools: dict[str, str], with_sdk: bool) -> Stack:
         if done.returncode != 0:
             raise RuntimeError(f"`proxy {' '.join(argv)}` failed:\n{done.stdout}{done.stderr}")
     key = done.stdout.strip().splitlines()[0]
-    for child, port in ((upstream, up_port), (nginx, nginx_port), (bare, bare_port)):
+    for child, port in (
+        (upstream, up_port),
+        (nginx, nginx_port),
+        (bare, bare_port),
+        (ours, ours_port),
+    ):
         h.wait_port(child, port)
     targets = {
         "direct": Target("direct", f"http://127.0.0.1:{up_port}/mcp", "upstream", "upstream"),
         "nginx": Target("nginx", f"http://127.0.0.1:{nginx_port}/mcp", "nginx", "upstream"),
         "bare": Target("bare", f"http://127.0.0.1:{bare_port}/mcp", "bare", "upstream"),
+        "bare-ours": Target(
+            "bare-ours", f"http://127.0.0.1:{ours_port}/mcp", "bare-ours", "upstream"
+        ),
     }
     proxy = start_proxy(h, env, "proxy", up_port)
     targets["proxy"] = Target("proxy", proxy.url, "proxy", "upstream")
@@ -1112,9 +1133,21 @@ def report(
         f"2. Added p50 at c={c1} ≤ 0.5 ms over direct: **+{fmt(med(added), 3)} ms** (per round: "
         f"{', '.join(fmt(v, 3) for v in added)}) — **{'holds' if ok2 else 'does not hold'}**"
     )
-    for ref in ("nginx", "bare"):
+    for ref in ("nginx", "bare", "bare-ours"):
         vals = per_round(runs, "proxy", ref, c1, lambda x, y: x.p50_ms - y.p50_ms)
         w(f"   - vs {ref} at c={c1}: +{fmt(med(vals), 3)} ms")
+    # The same plumbing as the proxy's (aiohttp server, proxy.upstream client): what the proxy
+    # costs beyond it is its own per-call work.
+    ours_ratio = per_round(runs, "proxy", "bare-ours", c16, lambda x, y: x.sut_us / y.sut_us)
+    ours_us = med(r.sut_us for r in runs if r.target == "bare-ours" and r.concurrency == c16)
+    plumbing = per_round(runs, "bare-ours", "bare", c16, lambda x, y: x.sut_us / y.sut_us)
+    if ours_ratio:
+        w(
+            f"- Decomposition at c={c16}: the bare forwarder on the proxy's upstream client costs "
+            f"{fmt(ours_us, 0)} µs/req ({fmt(med(plumbing))}x the aiohttp one); the proxy costs "
+            f"{fmt(med(ours_ratio))}x that, i.e. {fmt(proxy_us - ours_us, 0)} µs/req of its own "
+            "per-call work (auth, quota, spool, settle, metrics)"
+        )
     w("")
     w("### Against perf-baseline.md's targets for the real proxy\n")
     cmax = args.concurrency[-1]
