@@ -7,6 +7,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -57,12 +58,16 @@ class Scripted:
 
 @asynccontextmanager
 async def scripted(
-    *replies: bytes | Callable[[asyncio.StreamWriter], object], path: str = ""
+    *replies: bytes | Callable[[asyncio.StreamWriter], object],
+    path: str = "",
+    userinfo: str = "",
+    **options: Any,
 ) -> AsyncIterator[tuple[Scripted, UpstreamClient]]:
     script = Scripted(list(replies))
     server = await asyncio.start_server(script.handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    client = UpstreamClient(f"http://127.0.0.1:{port}{path}", connect_timeout=5)
+    url = f"http://{userinfo}127.0.0.1:{port}{path}"
+    client = UpstreamClient(url, connect_timeout=5, **options)
     try:
         yield script, client
     finally:
@@ -226,24 +231,14 @@ async def test_a_stale_keep_alive_connection_is_retried_only_for_idempotent_meth
 
 async def test_an_idle_connection_past_the_idle_timeout_is_not_reused() -> None:
     now = [0.0]
-    script = Scripted([OK, OK, OK])
-    server = await asyncio.start_server(script.handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    client = UpstreamClient(
-        f"http://127.0.0.1:{port}", connect_timeout=5, idle_timeout=2.0, clock=lambda: now[0]
-    )
-    try:
+    async with scripted(OK, OK, OK, idle_timeout=2.0, clock=lambda: now[0]) as (server, client):
         await call(client)
         now[0] = 1.9
         await call(client)
-        assert script.connections == 1
+        assert server.connections == 1
         now[0] = 4.0  # idle since 1.9: 2.1 s
         await call(client)
-        assert script.connections == 2
-    finally:
-        await client.close()
-        server.close()
-        await server.wait_closed()
+        assert server.connections == 2
 
 
 async def test_a_reply_not_read_to_its_end_closes_the_connection() -> None:
@@ -375,24 +370,17 @@ async def test_a_reply_whose_last_coding_is_not_chunked_ends_at_close() -> None:
 async def test_a_keep_alive_timeout_the_server_announces_shortens_reuse() -> None:
     now = [0.0]
     announced = b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=1, max=100\r\nContent-Length: 2\r\n\r\n{}"
-    script = Scripted([announced, announced, announced])
-    server = await asyncio.start_server(script.handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    client = UpstreamClient(
-        f"http://127.0.0.1:{port}", connect_timeout=5, idle_timeout=60, clock=lambda: now[0]
-    )
-    try:
+    async with scripted(announced, announced, announced, idle_timeout=60, clock=lambda: now[0]) as (
+        server,
+        client,
+    ):
         await call(client)
         now[0] = 0.4
         await call(client)
-        assert script.connections == 1
+        assert server.connections == 1
         now[0] = 1.0  # idle 0.6 s: past half of the server's 1 s
         await call(client)
-        assert script.connections == 2
-    finally:
-        await client.close()
-        server.close()
-        await server.wait_closed()
+        assert server.connections == 2
 
 
 async def test_replies_as_loose_as_aiohttp_accepted_still_parse() -> None:
@@ -403,16 +391,8 @@ async def test_replies_as_loose_as_aiohttp_accepted_still_parse() -> None:
 
 
 async def test_credentials_in_the_upstream_url_go_as_basic_auth() -> None:
-    script = Scripted([OK])
-    server = await asyncio.start_server(script.handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    client = UpstreamClient(f"http://svc:p%40ss@127.0.0.1:{port}", connect_timeout=5)
-    try:
+    async with scripted(OK, userinfo="svc:p%40ss@") as (server, client):
         await call(client)
-    finally:
-        await client.close()
-        server.close()
-        await server.wait_closed()
-    head = script.requests[0].decode()
-    assert f"\r\nHost: 127.0.0.1:{port}\r\n" in head  # no userinfo in Host
+    head = server.requests[0].decode()
+    assert f"\r\nHost: 127.0.0.1:{client._port}\r\n" in head  # no userinfo in Host
     assert "\r\nAuthorization: Basic c3ZjOnBAc3M=\r\n" in head  # svc:p@ss
