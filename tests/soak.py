@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -567,14 +568,15 @@ class Soak:
         details = Counter(c.detail for c in calls if c.outcome in ("in_doubt", "clean_error"))
         print(f"  in doubt / clean errors: {dict(details)}")
         print(f"list calls: {dict(self.ledger.lists)}")
-        for label, pick in (
+        picks: list[tuple[str, Callable[[CallRecord], bool]]] = [
             ("HTTP 503", lambda c: c.detail == "HTTP 503"),
             ("in doubt", lambda c: c.outcome == "in_doubt"),
-        ):
+        ]
+        for label, pick in picks:
             print(f"  {label} at t = {windows([c.t for c in calls if pick(c)])}")
         print("faults:")
-        for t, fault, note in self.ledger.faults:
-            print(f"  t={t:6.1f}s {fault:14} {note}")
+        for at, fault, note in self.ledger.faults:
+            print(f"  t={at:6.1f}s {fault:14} {note}")
         for replica in self.replicas:
             counts = log_counts(
                 replica,
@@ -682,13 +684,13 @@ class Soak:
                 held[t.id] = int(sync.zcard(keys.reservations(t.id)))
                 # Members are "id:period:cost": refunded as overdue, never committed late.
                 reaped[t.id] = sum(
-                    int(m.rsplit(":", 1)[1]) for m in sync.zrange(keys.reaped(t.id), 0, -1)
+                    int(str(m).rsplit(":", 1)[1]) for m in sync.zrange(keys.reaped(t.id), 0, -1)
                 )
             plans = {t.id: sync.hget(keys.tenant(t.id), "plan") for t in self.tenants}
         finally:
             sync.close()
-        committed = Counter()
-        degraded = Counter()
+        committed: Counter[str] = Counter()
+        degraded: Counter[str] = Counter()
         for row in rows:
             if row.degraded:
                 degraded[row.tenant_id] += row.units
