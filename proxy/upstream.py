@@ -47,6 +47,11 @@ class UpstreamBroken(Exception):
     """The response began but broke off or was malformed after its head."""
 
 
+class _ClosedUnanswered(UpstreamUnreachable):
+    """Closed before a single byte of reply: on a reused connection, the server had closed
+    it while idle, so an idempotent request may go again on a fresh one."""
+
+
 def _keep_alive_timeout(value: str) -> float | None:
     """`Keep-Alive: timeout=5, max=100` -> 5.0 (RFC 2068 19.7.1.1); None if absent."""
     for part in value.split(","):
@@ -73,7 +78,7 @@ class UpstreamResponse:
         self.content_length: int | None = None
         self.keep_alive = False
         self.head: asyncio.Future[None] = loop.create_future()
-        self.got_bytes = False
+        self._got_bytes = False
         self._conn = conn
         self._loop = loop
         self._chunks: deque[bytes] = deque()
@@ -148,7 +153,6 @@ class _Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
-        self.last_got_bytes = False  # whether the last failed exchange saw any reply byte
         self.keep_alive_s: float | None = None  # what the server announced, if it did
         self._response: UpstreamResponse | None = None
         self._parser: httptools.HttpResponseParser | None = None
@@ -173,7 +177,7 @@ class _Connection(asyncio.Protocol):
             self._reusable = False
             self.close()
             return
-        resp.got_bytes = True
+        resp._got_bytes = True
         assert self._parser is not None
         if not resp.head.done() and self._head_bytes > MAX_HEAD_BYTES:
             # llhttp holds a header being received in memory until it ends: bound that.
@@ -203,8 +207,10 @@ class _Connection(asyncio.Protocol):
             resp._finish()  # a body without a length ends when the upstream closes
         elif resp.head.done():
             resp._fail(UpstreamBroken("the upstream closed the connection mid-reply"))
+        elif resp._got_bytes:
+            resp._fail(UpstreamUnreachable("the upstream closed the connection mid-head"))
         else:
-            resp._fail(UpstreamUnreachable("the upstream closed the connection before replying"))
+            resp._fail(_ClosedUnanswered("the upstream closed the connection before replying"))
 
     # --- httptools callbacks --------------------------------------------------------------
 
@@ -294,8 +300,9 @@ class _Connection(asyncio.Protocol):
     def usable(self) -> bool:
         return self._reusable and self.transport is not None and not self.transport.is_closing()
 
-    def finished(self) -> bool:
-        """Whether the reply was read to its end and the connection may carry another."""
+    def detach(self) -> bool:
+        """Let go of the reply; True if it was read to its end and the connection may carry
+        another."""
         resp = self._response
         self._response = None
         self._parser = None
@@ -375,10 +382,8 @@ class UpstreamClient:
         if conn is not None and method in _RETRY_ON_STALE:
             try:
                 return await self._exchange(conn, data)
-            except UpstreamUnreachable:
-                if conn.last_got_bytes:
-                    raise
-                conn = None  # the server closed it while idle: once more, on a fresh one
+            except _ClosedUnanswered:
+                conn = None  # once more, on a fresh connection
         if conn is None:
             conn = await self._connect()
         return await self._exchange(conn, data)
@@ -388,7 +393,7 @@ class UpstreamClient:
         conn = resp._conn
         if conn._response is not resp:
             return  # already released
-        if conn.finished():
+        if conn.detach():
             conn.idle_since = self._clock()
             self._idle.append(conn)
             while len(self._idle) > MAX_IDLE:
@@ -435,8 +440,6 @@ class UpstreamClient:
         try:
             await resp.head
         except BaseException:
-            conn.last_got_bytes = resp.got_bytes
-            conn._response = None
             conn.close()
             raise
         return resp
