@@ -2,17 +2,25 @@
 
 No tenant ids as labels: a fleet of tenants would explode the series count. The opt-in
 `per_tenant` gauge is for small fleets.
+
+The instruments are small plain-Python ones rather than prometheus_client's, which check
+observability and take a lock on every update (several microseconds per request). Each family
+is a collector on the registry that builds, at scrape time, the samples prometheus_client would.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
+from prometheus_client import metrics as _prometheus_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -35,90 +43,254 @@ LATENCY_BUCKETS = (
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 # Tool names come from clients: past this many distinct ones, new names count as "other".
 MAX_TOOL_LABELS = 256
+_INF = float("inf")
+
+# Loop-thread only: every update and every scrape runs on the event loop's thread, so the
+# values below are plain numbers with no lock.
+
+# One series' samples as (suffix, extra labels, value).
+_Samples = list[tuple[str, dict[str, str], float]]
+
+
+class Counter:
+    """One counter series (`_total`, `_created`)."""
+
+    __slots__ = ("_created", "_value")
+
+    def __init__(self) -> None:
+        self._value = 0.0
+        self._created = time.time()
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        self._value += amount
+
+    def _samples(self) -> _Samples:
+        return [("_total", {}, self._value), ("_created", {}, self._created)]
+
+
+class Gauge:
+    """One gauge series."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self) -> None:
+        self._value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self._value += amount
+
+    def dec(self, amount: float = 1) -> None:
+        self._value -= amount
+
+    def set(self, value: float) -> None:
+        self._value = float(value)
+
+    def _samples(self) -> _Samples:
+        return [("", {}, self._value)]
+
+
+class Histogram:
+    """One histogram series: a count per bucket, made cumulative at scrape."""
+
+    __slots__ = ("_bounds", "_counts", "_created", "_les", "_sum")
+
+    def __init__(self, bounds: Sequence[float], les: Sequence[str]) -> None:
+        self._bounds = bounds  # ascending upper bounds, the last one +Inf
+        self._les = les
+        self._counts = [0] * len(bounds)
+        self._sum = 0.0
+        self._created = time.time()
+
+    def observe(self, amount: float) -> None:
+        self._sum += amount
+        # Buckets are `le`: the first bound >= amount. NaN is <= no bound, so like
+        # prometheus_client it counts in no bucket (bisect would put it in the first).
+        if amount <= _INF:
+            self._counts[bisect_left(self._bounds, amount)] += 1
+
+    def _samples(self) -> _Samples:
+        out: _Samples = []
+        acc = 0.0
+        for le, count in zip(self._les, self._counts, strict=True):
+            acc += count
+            out.append(("_bucket", {"le": le}, acc))
+        out.append(("_count", {}, acc))
+        if self._bounds[0] >= 0:  # as prometheus_client: no sum when buckets go negative
+            out.append(("_sum", {}, self._sum))
+        out.append(("_created", {}, self._created))
+        return out
+
+
+S = TypeVar("S", Counter, Gauge, Histogram)
+
+
+class Family(Collector, Generic[S]):
+    """A metric family on the registry: its series by label values, exposed at scrape."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        name: str,
+        documentation: str,
+        kind: str,
+        new: Callable[[], S],
+        labelnames: Sequence[str] = (),
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._kind = kind
+        self._new: Callable[[], S] = new
+        self._labelnames = tuple(labelnames)
+        self._series: dict[tuple[str, ...], S] = {}
+        if not self._labelnames:
+            self._series[()] = new()  # an unlabelled metric is exposed from the start
+        registry.register(self)
+
+    def labels(self, *values: object) -> S:
+        # Looked up as given first: a hit means the values were already the str key.
+        found = self._series.get(values)  # type: ignore[arg-type]
+        if found is None:
+            if not self._labelnames:
+                raise ValueError(f"No label names were set when constructing {self._name}")
+            if len(values) != len(self._labelnames):
+                raise ValueError("Incorrect label count")
+            key = tuple(str(v) for v in values)
+            found = self._series.get(key)
+            if found is None:
+                found = self._series[key] = self._new()
+        return found
+
+    def only(self) -> S:
+        """The one series of an unlabelled metric."""
+        return self._series[()]
+
+    def describe(self) -> Iterable[Metric]:
+        return [Metric(self._name, self._documentation, self._kind)]
+
+    def collect(self) -> Iterable[Metric]:
+        metric = Metric(self._name, self._documentation, self._kind)
+        # Honour disable_created_metrics(); a prometheus_client without the flag keeps them.
+        created = getattr(_prometheus_metrics, "_use_created", True)
+        for values, series in list(self._series.items()):
+            labels = dict(zip(self._labelnames, values, strict=True))
+            for suffix, extra, value in series._samples():
+                if created or suffix != "_created":
+                    metric.add_sample(self._name + suffix, {**labels, **extra}, value)
+        return [metric]
+
+
+def _histogram(buckets: Sequence[float]) -> Callable[[], Histogram]:
+    bounds = [float(b) for b in buckets]
+    if bounds[-1] != _INF:
+        bounds.append(_INF)
+    les = [floatToGoString(b) for b in bounds]  # type: ignore[no-untyped-call]
+    return lambda: Histogram(bounds, les)
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry, *, per_tenant: bool = False) -> None:
         self.registry = registry
-        self.requests = Counter(
+        latency = _histogram(LATENCY_BUCKETS)
+        self.requests = Family(
+            registry,
             "mqp_requests",
             "MCP requests by JSON-RPC method and outcome",
+            "counter",
+            Counter,
             ["method", "outcome"],
-            registry=registry,
         )
-        self.tool_calls = Counter(
+        self.tool_calls = Family(
+            registry,
             "mqp_tool_calls",
             "Gated calls by tool and outcome (ok, refused, rpc_error, ...)",
+            "counter",
+            Counter,
             ["tool", "outcome"],
-            registry=registry,
         )
-        self.quota_decisions = Counter(
+        self.quota_decisions = Family(
+            registry,
             "mqp_quota_decisions",
             "Quota decisions by plan and result",
+            "counter",
+            Counter,
             ["plan", "result"],
-            registry=registry,
         )
-        self.request_seconds = Histogram(
+        self.request_seconds = Family(
+            registry,
             "mqp_request_duration_seconds",
             "Time from request to the end of the reply",
+            "histogram",
+            latency,
             ["method"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
         )
-        self.upstream_seconds = Histogram(
+        self.upstream_seconds = Family(
+            registry,
             "mqp_upstream_duration_seconds",
             "Time the upstream took to answer (headers)",
+            "histogram",
+            latency,
             ["method"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
         )
-        self.overhead_seconds = Histogram(
+        self.overhead_seconds = Family(
+            registry,
             "mqp_proxy_overhead_seconds",
             "The proxy's own time before forwarding (auth, parse, quota)",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.inflight = Gauge("mqp_inflight_requests", "Requests being handled", registry=registry)
-        self.open_streams = Gauge(
-            "mqp_open_streams", "Upstream SSE streams being forwarded", registry=registry
-        )
-        self.spool_appends = Counter(
-            "mqp_spool_appends", "Usage events committed to the spool", registry=registry
-        )
-        self.spool_errors = Counter(
-            "mqp_spool_errors", "Usage events the spool failed to commit", registry=registry
-        )
-        self.webhooks = Counter(
+            "histogram",
+            latency,
+        ).only()
+        self.inflight = Family(
+            registry, "mqp_inflight_requests", "Requests being handled", "gauge", Gauge
+        ).only()
+        self.open_streams = Family(
+            registry, "mqp_open_streams", "Upstream SSE streams being forwarded", "gauge", Gauge
+        ).only()
+        self.spool_appends = Family(
+            registry,
+            "mqp_spool_appends",
+            "Usage events committed to the spool",
+            "counter",
+            Counter,
+        ).only()
+        self.spool_errors = Family(
+            registry,
+            "mqp_spool_errors",
+            "Usage events the spool failed to commit",
+            "counter",
+            Counter,
+        ).only()
+        self.webhooks = Family(
+            registry,
             "mqp_webhook_events",
             "Stripe webhook deliveries by event type and outcome",
+            "counter",
+            Counter,
             ["type", "outcome"],
-            registry=registry,
         )
-        self.redis_errors = Counter(
+        self.redis_errors = Family(
+            registry,
             "mqp_redis_errors",
             "Failed or timed-out calls to the quota/tenant store",
-            registry=registry,
-        )
+            "counter",
+            Counter,
+        ).only()
         self.per_tenant = (
-            Gauge(
+            Family(
+                registry,
                 "mqp_tenant_units",
                 "Units used this period, per tenant (opt-in)",
+                "gauge",
+                Gauge,
                 ["tenant"],
-                registry=registry,
             )
             if per_tenant
             else None
         )
-        # labels() validates and takes a lock on every call; the hot path reuses children.
-        self._children: dict[tuple[object, ...], Any] = {}
         self._tools: set[str] = set()
 
-    def child(self, metric: Counter | Histogram, *values: str) -> Any:
-        key = (metric, *values)
-        found = self._children.get(key)
-        if found is None:
-            found = self._children[key] = metric.labels(*values)
-        return found
+    # m.child(family, *values) is family.labels(*values), minus a call and a repacking.
+    child = staticmethod(Family.labels)
 
     def tool_call(self, tool: str | None, outcome: str) -> None:
         name = tool or "-"
@@ -127,7 +299,7 @@ class Metrics:
                 name = "other"
             else:
                 self._tools.add(name)
-        self.child(self.tool_calls, name, outcome).inc()
+        self.tool_calls.labels(name, outcome).inc()
 
 
 @dataclass(frozen=True, slots=True)
