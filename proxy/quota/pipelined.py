@@ -29,7 +29,40 @@ from redis.exceptions import NoScriptError, ResponseError
 Arg = str | int | bytes
 
 
+# The RESP form of str arguments seen lately (the per-tenant keys, the script SHA). Bounded,
+# and emptied when full: keys are per tenant and per period and reservation ids are unique,
+# so a large fleet would otherwise grow it without limit, while the tenants that are busy
+# refill it at once. At worst (more busy tenants than fit) the misses cost about what it saves.
+_ENCODED_MAX = 4096
+_encoded: dict[str, str] = {}
+
+
 def encode(args: Sequence[Arg]) -> bytes:
+    """A RESP array of bulk strings: bytes as they are, anything else as str() in UTF-8.
+    Exact str and int are built as one text and encoded once (the hot path); any other
+    argument (bytes, bool, subclasses) takes the general encoding."""
+    out = [f"*{len(args)}\r\n"]
+    append = out.append
+    encoded = _encoded
+    for arg in args:
+        if type(arg) is int:
+            text = str(arg)
+            append(f"${len(text)}\r\n{text}\r\n")
+        elif type(arg) is str:
+            chunk = encoded.get(arg)
+            if chunk is None:
+                size = len(arg) if arg.isascii() else len(arg.encode())  # bytes, not characters
+                chunk = f"${size}\r\n{arg}\r\n"
+                if len(encoded) >= _ENCODED_MAX:
+                    encoded.clear()
+                encoded[arg] = chunk
+            append(chunk)
+        else:
+            return _encode_any(args)
+    return "".join(out).encode()
+
+
+def _encode_any(args: Sequence[Arg]) -> bytes:
     out = [b"*%d\r\n" % len(args)]
     for arg in args:
         data = arg if isinstance(arg, bytes) else str(arg).encode()
@@ -168,17 +201,46 @@ class PipelinedRedis:
         return self._deadline_s is not None
 
     async def execute(self, *args: Arg) -> Any:
+        conn = self._usable() or await self._connect_in_time()
+        return await self._send(conn, args)
+
+    async def evalsha_many(
+        self, script: str, calls: Sequence[tuple[Sequence[Arg], Sequence[Arg]]]
+    ) -> list[Any]:
+        """Run `script` once per (keys, args): the commands leave in one write, the replies
+        come back in order, or the first error is raised. For idempotent scripts only: on
+        NOSCRIPT the whole batch is sent again, and part of it may already have run."""
+        if not calls:
+            return []
+        sha = self._sha(script)
+        commands = [["EVALSHA", sha, len(keys), *keys, *args] for keys, args in calls]
+        try:
+            return await self._execute_many(commands)
+        except NoScriptError:
+            await self._load(script)
+            return await self._execute_many(commands)
+
+    async def _execute_many(self, commands: list[list[Arg]]) -> list[Any]:
+        conn = self._usable() or await self._connect_in_time()
+        futures = [self._send(conn, command) for command in commands]
+        # Awaited in order, no task each. Once one fails the rest are left pending: their
+        # replies are still read (or they time out) and an error is marked seen by _fail.
+        return [await future for future in futures]
+
+    def _usable(self) -> _Connection | None:
+        """The open connection, unless its oldest command has waited past the stall bound:
+        then it is dropped, with everyone waiting on it."""
         conn = self._conn
         if conn is not None and conn.pending and self._now() - conn.pending[0][1] > self._stall_s:
             conn.drop(RedisConnectionError("Redis stopped answering on this connection"))
-            conn = None
-        if conn is None:
-            if self._deadline_s is None:
-                conn = await self._connect()
-            else:
-                async with asyncio.timeout(self._deadline_s):  # waiting for the lock included
-                    conn = await self._connect()
-        return await self._send(conn, args)
+            return None
+        return conn
+
+    async def _connect_in_time(self) -> _Connection:
+        if self._deadline_s is None:
+            return await self._connect()
+        async with asyncio.timeout(self._deadline_s):  # waiting for the lock included
+            return await self._connect()
 
     def _send(self, conn: _Connection, args: Sequence[Arg]) -> asyncio.Future[Any]:
         if conn.closed:

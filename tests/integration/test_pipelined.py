@@ -1,24 +1,46 @@
-"""The hot path's pipelined Redis connection against a private redis-server: order under
-concurrency, script cache loss, restarts and a frozen server."""
+"""The hot path's pipelined Redis connection against a private redis-server: its encoding,
+order under concurrency and in batches, script cache loss, restarts and a frozen server."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
+import time
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import redis
 import uvloop
+from hypothesis import given
+from hypothesis import strategies as st
+from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from proxy.clock import ManualClock
+from proxy.keys import KeySpace
+from proxy.quota import pipelined
 from proxy.quota.pipelined import PipelinedRedis, encode
+from proxy.quota.storage import QuotaStorage, Reservation
 from tests.ops_support import until
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
 
 ECHO = "return {KEYS[1], ARGV[1]}"
+# An error reply for ARGV[1] == "boom", else an echo.
+BOOM = "if ARGV[1] == 'boom' then return redis.error_reply('boom ' .. KEYS[1]) end " + ECHO
+
+
+def resp(args: Sequence[str | int | bytes]) -> bytes:
+    """RESP spelled out: what encode() must produce, cache or not."""
+    out = b"*" + str(len(args)).encode() + b"\r\n"
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode("utf-8")
+        out += b"$" + str(len(data)).encode() + b"\r\n" + data + b"\r\n"
+    return out
 
 
 def test_encode_is_resp() -> None:
@@ -26,6 +48,37 @@ def test_encode_is_resp() -> None:
         encode(["SET", "k", 5, b"\x00"])
         == b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n5\r\n$1\r\n\x00\r\n"
     )
+
+
+ENCODE_CASES: list[list[str | int | bytes]] = [
+    [],
+    [0, 1, -1, 4, 1_767_225_600_123_456, -(2**70), 10**40],
+    ["", "k", "EVALSHA", "mqp:{tenant-é}:used:1767225600", "日本語", "🎉", "a\r\nb", "\x00"],
+    [b"", b"\x00\xff", b"\r\n", "s", 7],
+    [True, False, 1, "True"],  # bool is written as str() spells it, not as an int
+    ["EVALSHA", "a" * 40, 4, "k1", "k2", "k3", "k4", 1, -1, 0, 0, 10**15, 10**12, 5, "r", 9, 8],
+]
+
+
+@pytest.mark.parametrize("args", ENCODE_CASES)
+def test_encode_matches_a_reference_encoding(args: list[str | int | bytes]) -> None:
+    assert encode(args) == resp(args)
+    assert encode(args) == resp(args)  # again, its str arguments from the cache now
+
+
+@given(st.lists(st.one_of(st.integers(), st.text(), st.binary(), st.booleans())))
+def test_encode_matches_a_reference_encoding_for_any_arguments(
+    args: list[str | int | bytes],
+) -> None:
+    assert encode(args) == resp(args)
+    assert encode(args) == resp(args)
+
+
+def test_the_encoding_cache_is_bounded() -> None:
+    for i in range(3 * pipelined._ENCODED_MAX):
+        key = f"q:{{tenant-{i}}}:used:1767225600"
+        assert encode([key]) == resp([key])
+        assert len(pipelined._encoded) <= pipelined._ENCODED_MAX
 
 
 async def test_replies_match_their_commands_under_concurrency(private_redis: RedisServer) -> None:
@@ -53,6 +106,154 @@ def test_on_uvloop_as_serve_runs_it(private_redis: RedisServer) -> None:
             await client.aclose()
 
     assert uvloop.run(burst()) == [[f"k{i}", str(i)] for i in range(300)]
+
+
+async def test_evalsha_many_returns_the_replies_in_order_from_one_write(
+    private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = PipelinedRedis(private_redis.url, connect_timeout=1.0, stall_s=5.0)
+    try:
+        assert await client.evalsha(ECHO, ["a"], [0]) == ["a", "0"]
+        conn = client._conn
+        assert conn is not None and conn.transport is not None
+        writes: list[bytes] = []
+        write = conn.transport.write
+
+        def counted(data: Any) -> None:
+            writes.append(bytes(data))
+            write(data)
+
+        monkeypatch.setattr(conn.transport, "write", counted)
+        calls = [([f"k{i}"], [i]) for i in range(100)]
+        assert await client.evalsha_many(ECHO, calls) == [[f"k{i}", str(i)] for i in range(100)]
+        assert len(writes) == 1
+        assert await client.evalsha_many(ECHO, []) == []
+    finally:
+        await client.aclose()
+
+
+async def test_evalsha_many_after_a_script_flush_loads_once_and_commits_once(
+    private_redis: RedisServer,
+) -> None:
+    """The settle script is idempotent, so the batch is sent again whole after NOSCRIPT;
+    a reaped reservation in it is charged again exactly once."""
+    client = PipelinedRedis(private_redis.url, connect_timeout=1.0, stall_s=5.0)
+    main = AsyncRedis(port=private_redis.port, decode_responses=True)
+    admin = redis.Redis(port=private_redis.port, decode_responses=True)
+    storage = QuotaStorage(main, KeySpace("mqpt"), client)
+    now_us = int(time.time()) * 1_000_000
+    period = now_us // 1_000_000
+
+    def res(name: str, cost: int) -> Reservation:
+        return Reservation("t1", period, name, cost, counter_ttl_ms=3_600_000)
+
+    async def reserve(r: Reservation, at_us: int, deadline_ms: int) -> None:
+        result = await storage.reserve(
+            r,
+            allowed_total=None,
+            interval_us=0,
+            tolerance_us=0,
+            now_us=at_us,
+            deadline_ms=deadline_ms,
+        )
+        assert result.status == 1
+
+    try:
+        reaped, held = res("r-reaped", 3), [res(f"r-{i}", i + 1) for i in range(4)]
+        await reserve(reaped, now_us, now_us // 1000 + 1)
+        later = now_us + 10_000  # past the first one's deadline: it is reaped (refunded)
+        for r in held:
+            await reserve(r, later, later // 1000 + 60_000)
+        assert await storage.used("t1", period) == 1 + 2 + 3 + 4
+        admin.script_flush()
+        admin.config_resetstat()
+        await storage.commit_many([*held, reaped])
+        assert admin.info("commandstats")["cmdstat_script|load"]["calls"] == 1
+        assert await storage.used("t1", period) == 1 + 2 + 3 + 4 + 3
+        assert await storage.held("t1") == 0
+        await storage.commit_many([*held, reaped])  # once more: nothing changes
+        assert await storage.used("t1", period) == 1 + 2 + 3 + 4 + 3
+    finally:
+        admin.close()
+        await main.aclose()
+        await client.aclose()
+
+
+async def test_an_error_in_a_batch_is_raised_and_the_connection_stays_usable(
+    private_redis: RedisServer,
+) -> None:
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: unhandled.append(context))
+    client = PipelinedRedis(private_redis.url, connect_timeout=1.0, stall_s=5.0)
+    try:
+        assert await client.evalsha(BOOM, ["a"], [0]) == ["a", "0"]
+        conn = client._conn
+        calls: list[tuple[list[str], list[str | int]]] = [
+            (["k0"], [0]),
+            (["k1"], ["boom"]),
+            (["k2"], [2]),
+            (["k3"], ["boom"]),
+            (["k4"], ["boom"]),
+            (["k5"], [5]),
+        ]
+        with pytest.raises(ResponseError, match="boom k1"):  # the first error
+            await client.evalsha_many(BOOM, calls)
+        # The replies after it are read and dropped: the next caller gets its own.
+        assert await client.evalsha(BOOM, ["b"], [1]) == ["b", "1"]
+        assert await client.evalsha_many(BOOM, [(["c"], [1]), (["d"], [2])]) == [
+            ["c", "1"],
+            ["d", "2"],
+        ]
+        assert client._conn is conn and conn is not None and not conn.pending
+        gc.collect()
+        # No "Future exception was never retrieved" for the errors nobody awaited.
+        assert unhandled == []
+    finally:
+        loop.set_exception_handler(None)
+        await client.aclose()
+
+
+async def test_a_batch_fails_at_its_deadline_and_a_stalled_connection_is_replaced(
+    private_redis: RedisServer,
+) -> None:
+    """Every command of a batch has the deadline and stall check a single one has."""
+    clock = ManualClock()
+    client = PipelinedRedis(
+        private_redis.url, connect_timeout=1.0, stall_s=0.3, deadline_s=0.05, now=clock.monotonic
+    )
+    assert private_redis.proc is not None
+    calls = [([f"k{i}"], [i]) for i in range(5)]
+    try:
+        assert await client.evalsha_many(ECHO, calls) == [[f"k{i}", str(i)] for i in range(5)]
+        first = client._conn
+        assert first is not None
+        private_redis.proc.send_signal(signal.SIGSTOP)
+        batch = asyncio.ensure_future(client.evalsha_many(ECHO, calls))
+        await asyncio.sleep(0)
+        clock.advance(0.06)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(batch, 5)
+        await until(lambda: all(f.done() for f, _ in first.pending), 5, "every command to time out")
+        assert len(first.pending) == 5
+        clock.advance(0.3)  # past the stall bound: the next batch replaces the connection
+        batch = asyncio.ensure_future(client.evalsha_many(ECHO, calls))
+        await until(
+            lambda: client._conn not in (None, first) and len(client._conn.pending) == 5,
+            5,
+            "the batch to go out on a new connection",
+        )
+        assert first.closed and not first.pending  # dropped, its waiters with it
+        clock.advance(0.06)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(batch, 5)
+        private_redis.proc.send_signal(signal.SIGCONT)
+        assert await client.evalsha_many(ECHO, calls[:2]) == [["k0", "0"], ["k1", "1"]]
+        assert client._conn is not None and not client._conn.pending
+    finally:
+        if private_redis.proc is not None:
+            private_redis.proc.send_signal(signal.SIGCONT)
+        await client.aclose()
 
 
 async def test_lost_script_cache_and_restart_are_recovered(private_redis: RedisServer) -> None:
