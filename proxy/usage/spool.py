@@ -1,7 +1,8 @@
 """The local usage spool: an SQLite file (WAL) that is the billing audit log of one replica.
 
-Appends are group-committed: one writer task turns every append that arrives while a commit
-is in flight into the next transaction, and each caller resumes only once its row is
+Appends are group-committed: the rows appended in one turn of the event loop become one
+transaction, committed by a callback at the end of that turn (or, while a group is on SQLite's
+thread, the next transaction after it), and each caller resumes only once its row is
 committed. Nothing leaves the spool before Stripe has accepted it.
 
 With `synchronous=normal` a group is committed on the event loop's thread when the file is
@@ -112,6 +113,17 @@ class SpoolError(RuntimeError):
     """The spool could not record an event; the caller must not release the result."""
 
 
+def _settle(waiters: list[asyncio.Future[None]], error: Exception | None) -> None:
+    """Wake a group's callers: committed, or failed together (one transaction)."""
+    for done in waiters:
+        if done.done():
+            continue  # its caller was cancelled; the row is committed (or failed) all the same
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(SpoolError(f"spool write failed: {error}"))
+
+
 @dataclass(frozen=True, slots=True)
 class Group:
     """One meter event to send: a batch's total for one customer and meter."""
@@ -191,10 +203,13 @@ class Spool:
         self.replica_id = replica_id
         self.spool_id = ""
         self._db: aiosqlite.Connection | None = None
-        self._queue: asyncio.Queue[tuple[tuple[object, ...], asyncio.Future[None]]] = (
-            asyncio.Queue()
-        )
-        self._writer: asyncio.Task[None] | None = None
+        self._open = False
+        # Rows waiting for the next group commit, with the futures their callers await. No
+        # queue and no writer task: a call_soon per group is all the hot path pays for.
+        self._rows: list[tuple[object, ...]] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._flush_due = False
+        self._off_loop: asyncio.Task[None] | None = None  # a group on SQLite's thread
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -212,16 +227,16 @@ class Spool:
         # Proxy and drainer are two processes on one file: wait for the other's lock.
         await self._db.execute("PRAGMA busy_timeout=10000")
         await self._migrate()
-        self._writer = asyncio.create_task(self._write_forever(), name="spool-writer")
+        self._open = True
 
     async def close(self) -> None:
-        if self._writer is not None:
-            # Flush what is queued before stopping: each of those callers awaits its commit.
-            await self._queue.join()
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
-            self._writer = None
+        self._open = False
+        # Commit what was appended before stopping: each of those callers awaits its row.
+        while self._waiters or self._off_loop is not None:
+            if self._off_loop is not None:
+                await asyncio.wait([self._off_loop])
+            else:
+                await asyncio.wait(list(self._waiters))
         if self._checkpoint is not None:
             with contextlib.suppress(Exception):
                 await self._checkpoint
@@ -252,33 +267,54 @@ class Spool:
 
     async def append(self, event: UsageEvent) -> None:
         """Returns once the event is committed (group commit with concurrent appends)."""
-        if self._writer is None:
+        if not self._open:
             raise SpoolError("the spool is not open")
-        row = row_of(event, self.replica_id)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((row, done))
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._rows.append(row_of(event, self.replica_id))
+        self._waiters.append(done)
+        if not self._flush_due and self._off_loop is None:
+            self._flush_due = True
+            loop.call_soon(self._flush)
         await done
 
-    async def _write_forever(self) -> None:
-        while True:
-            items = [await self._queue.get()]
-            while len(items) < MAX_GROUP_COMMIT and not self._queue.empty():
-                items.append(self._queue.get_nowait())
-            sql, values = _insert_rows(len(items)), [v for row, _ in items for v in row]
-            try:
-                if not self._commit_inline(sql, values):
-                    await self.db.execute(sql, values)
-            except Exception as exc:  # any failure fails every caller of this group
-                for _, done in items:
-                    if not done.done():
-                        done.set_exception(SpoolError(f"spool write failed: {exc}"))
-            else:
-                for _, done in items:
-                    if not done.done():
-                        done.set_result(None)
-            finally:
-                for _ in items:
-                    self._queue.task_done()
+    def _flush(self) -> None:
+        """Commit the rows appended so far as one group: inline when that cannot wait,
+        otherwise on SQLite's thread, with later rows waiting for the group after it."""
+        self._flush_due = False
+        rows, self._rows = self._rows[:MAX_GROUP_COMMIT], self._rows[MAX_GROUP_COMMIT:]
+        waiters = self._waiters[:MAX_GROUP_COMMIT]
+        del self._waiters[:MAX_GROUP_COMMIT]
+        sql, values = _insert_rows(len(rows)), [v for row in rows for v in row]
+        try:
+            if not self._commit_inline(sql, values):
+                self._off_loop = asyncio.get_running_loop().create_task(
+                    self._commit_off_loop(sql, values, waiters), name="spool-commit"
+                )
+                return
+        except Exception as exc:  # any failure fails every caller of this group
+            _settle(waiters, exc)
+        else:
+            _settle(waiters, None)
+        self._next_group()
+
+    async def _commit_off_loop(
+        self, sql: str, values: list[object], waiters: list[asyncio.Future[None]]
+    ) -> None:
+        try:
+            await self.db.execute(sql, values)
+        except Exception as exc:
+            _settle(waiters, exc)
+        else:
+            _settle(waiters, None)
+        finally:
+            self._off_loop = None
+            self._next_group()
+
+    def _next_group(self) -> None:
+        if self._rows and not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _commit_inline(self, sql: str, values: list[object]) -> bool:
         """Commit on the loop's thread if that cannot wait; False: use SQLite's thread."""

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from proxy.usage.sink import UsageEvent
-from proxy.usage.spool import MIGRATIONS, Spool, identifier_for
+from proxy.usage.spool import MIGRATIONS, Spool, SpoolError, identifier_for
 
 METERS = [("mcp_tool_calls", "units"), ("mcp_tokens", "tokens")]
 T0 = 1_767_225_600.0
@@ -106,6 +106,40 @@ async def test_normal_commits_inline_and_waits_off_the_loop_when_the_drainer_hol
     assert (spool.inline_commits, thread[0]) == (1, 1)
     with sqlite3.connect(tmp_path / "usage.db") as other:
         assert other.execute("SELECT SUM(units) FROM events").fetchone()[0] == 3
+
+
+@pytest.mark.parametrize("synchronous", ["normal", "full"])
+async def test_close_commits_every_append_in_flight_and_refuses_later_ones(
+    tmp_path: Path, synchronous: str
+) -> None:
+    s = Spool(tmp_path / "u.db", synchronous=synchronous, replica_id="p")
+    await s.open()
+    appends = [asyncio.ensure_future(s.append(event(units=i))) for i in range(1, 51)]
+    await asyncio.sleep(0)  # queued, not yet committed: close must wait for them
+    assert not any(a.done() for a in appends)
+    await s.close()
+    assert all(a.done() and a.exception() is None for a in appends)
+    with sqlite3.connect(tmp_path / "u.db") as other:
+        assert other.execute("SELECT SUM(units) FROM events").fetchone()[0] == sum(range(1, 51))
+    with pytest.raises(SpoolError, match="not open"):
+        await s.append(event())
+
+
+async def test_a_failed_group_fails_each_of_its_callers_and_the_next_group_commits(
+    spool: Spool, tmp_path: Path
+) -> None:
+    with sqlite3.connect(tmp_path / "usage.db") as other:
+        other.execute(
+            "CREATE TRIGGER no_big BEFORE INSERT ON events WHEN NEW.units > 100 "
+            "BEGIN SELECT RAISE(ABORT, 'too big'); END"
+        )
+    first = await asyncio.gather(
+        spool.append(event(units=1)), spool.append(event(units=101)), return_exceptions=True
+    )
+    assert [type(r) for r in first] == [SpoolError, SpoolError]  # one transaction: all or none
+    await asyncio.gather(spool.append(event(units=2)), spool.append(event(units=3)))
+    with sqlite3.connect(tmp_path / "usage.db") as other:
+        assert other.execute("SELECT SUM(units) FROM events").fetchone()[0] == 5
 
 
 async def test_full_sync_never_commits_on_the_loop(tmp_path: Path) -> None:
