@@ -273,9 +273,7 @@ class Spool:
         done: asyncio.Future[None] = loop.create_future()
         self._rows.append(row_of(event, self.replica_id))
         self._waiters.append(done)
-        if not self._flush_due and self._off_loop is None:
-            self._flush_due = True
-            loop.call_soon(self._flush)
+        self._schedule_flush()
         await done
 
     def _flush(self) -> None:
@@ -296,7 +294,7 @@ class Spool:
             _settle(waiters, exc)
         else:
             _settle(waiters, None)
-        self._next_group()
+        self._schedule_flush()
 
     async def _commit_off_loop(
         self, sql: str, values: list[object], waiters: list[asyncio.Future[None]]
@@ -309,10 +307,12 @@ class Spool:
             _settle(waiters, None)
         finally:
             self._off_loop = None
-            self._next_group()
+            self._schedule_flush()
 
-    def _next_group(self) -> None:
-        if self._rows and not self._flush_due:
+    def _schedule_flush(self) -> None:
+        """One flush per loop turn, and none while a group is on SQLite's thread (the rows
+        appended meanwhile become the group after it)."""
+        if self._rows and not self._flush_due and self._off_loop is None:
             self._flush_due = True
             asyncio.get_running_loop().call_soon(self._flush)
 
