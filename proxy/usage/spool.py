@@ -88,6 +88,23 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE drain_state (key TEXT PRIMARY KEY, value REAL NOT NULL);
     """,
+    # 3: batch ids are never reused. Without AUTOINCREMENT, pruning the newest batches let
+    # SQLite hand out their ids again, and with them their meter-event identifiers: Stripe
+    # took the new batch for the old one and its usage went unbilled. A spool that may have
+    # reused ids already gets a new spool id, so no identifier made from now on matches one
+    # made before; the identifiers of claimed groups are stored and re-sent unchanged.
+    """
+    CREATE TABLE batches_v3 (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        created_at REAL NOT NULL,
+        reported_at REAL
+    );
+    INSERT INTO batches_v3 (id, created_at, reported_at)
+        SELECT id, created_at, reported_at FROM batches;
+    DROP TABLE batches;
+    ALTER TABLE batches_v3 RENAME TO batches;
+    UPDATE meta SET value = lower(hex(randomblob(6))) WHERE key = 'spool_id';
+    """,
 )
 
 INSERT_EVENT = """
@@ -218,15 +235,27 @@ class Spool:
         return self._db
 
     async def open(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        # Autocommit: a group commit is then one multi-row INSERT, one trip to SQLite's
-        # thread; multi-statement work opens its own BEGIN IMMEDIATE.
-        self._db = await aiosqlite.connect(self._path, isolation_level=None)
-        await self._db.execute("PRAGMA journal_mode=WAL")
-        await self._db.execute(f"PRAGMA synchronous={self._synchronous}")
-        # Proxy and drainer are two processes on one file: wait for the other's lock.
-        await self._db.execute("PRAGMA busy_timeout=10000")
-        await self._migrate()
+        """Open (creating it if need be) and migrate the file; raises SpoolError naming the
+        path when it cannot be made, opened or read as a spool."""
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            # Autocommit: a group commit is then one multi-row INSERT, one trip to SQLite's
+            # thread; multi-statement work opens its own BEGIN IMMEDIATE.
+            self._db = await aiosqlite.connect(self._path, isolation_level=None)
+            await self._db.execute("PRAGMA journal_mode=WAL")
+            await self._db.execute(f"PRAGMA synchronous={self._synchronous}")
+            # Proxy and drainer are two processes on one file: wait for the other's lock.
+            await self._db.execute("PRAGMA busy_timeout=10000")
+            await self._migrate()
+        except (OSError, sqlite3.Error, SpoolError) as exc:
+            # Close the connection: its thread would otherwise keep the process alive.
+            if self._db is not None:
+                with contextlib.suppress(Exception):
+                    await self._db.close()
+                self._db = None
+            if isinstance(exc, SpoolError):
+                raise
+            raise SpoolError(f"cannot open the spool {self._path}: {exc}") from exc
         self._open = True
 
     async def close(self) -> None:
@@ -250,6 +279,11 @@ class Spool:
     async def _migrate(self) -> None:
         db = self.db
         version = (await (await db.execute("PRAGMA user_version")).fetchone() or (0,))[0]
+        if version > len(MIGRATIONS):
+            raise SpoolError(
+                f"the spool {self._path} has schema {version}, newer than this version's "
+                f"{len(MIGRATIONS)}: run a newer mcp-quota-proxy, or point spool.path elsewhere"
+            )
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             await db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version={number};\nCOMMIT;")
         row = await (await db.execute("SELECT value FROM meta WHERE key='spool_id'")).fetchone()

@@ -135,6 +135,28 @@ async def test_a_resend_after_stripe_forgot_its_idempotency_key_counts_as_delive
     assert (backlog.unreported, backlog.rejected_groups) == (0, 0)
 
 
+@pytest.mark.parametrize("stripe_forgot_keys", [False, True])
+async def test_usage_after_retention_pruned_every_batch_is_billed(
+    rig: Rig, stripe_forgot_keys: bool
+) -> None:
+    """Pruning the newest batch must not free its id: a reused id is a reused identifier,
+    which Stripe answers with an idempotency mismatch or "already exists", and either way
+    the new usage would never be billed."""
+    a = rig.customers[0]
+    for _ in range(5):
+        await rig.append(a)
+    assert (await rig.drainer.cycle()).sent == 1
+    assert await rig.spool.prune(before=rig.fake.now() + 1) == 5  # retention has passed
+    if stripe_forgot_keys:
+        rig.fake.forget_idempotency_keys()
+    for _ in range(7):
+        await rig.append(a)
+    second = await rig.drainer.cycle()
+    assert (second.sent, second.duplicates, second.rejected) == (1, 0, 0)
+    assert rig.fake.total(a) == 12
+    assert len(set(rig.fake.identifiers())) == 2
+
+
 async def test_stripe_down_backlog_grows_then_drains_without_duplicates(rig: Rig) -> None:
     a, b, _ = rig.customers
     rig.fake.set_down(True)

@@ -201,6 +201,62 @@ async def test_reopening_keeps_spool_id_and_rows(tmp_path: Path) -> None:
         await second.close()
 
 
+async def test_migrating_a_v2_spool_keeps_pending_identifiers_and_renews_the_rest(
+    tmp_path: Path,
+) -> None:
+    """A v2 spool may already have reused a pruned batch id: after migrating, its claimed
+    group re-sends under its stored identifier, new batches get a new spool id, and ids
+    never go back down when every batch is pruned."""
+    path = tmp_path / "u.db"
+    with sqlite3.connect(path, isolation_level=None) as v2:
+        for number, script in enumerate(MIGRATIONS[:2], start=1):
+            v2.executescript(f"BEGIN;\n{script}\nPRAGMA user_version={number};\nCOMMIT;")
+        v2.execute("INSERT INTO meta VALUES ('spool_id', 'aaaaaaaaaaaa')")
+        v2.execute("INSERT INTO batches (id, created_at) VALUES (3, ?)", (T0,))
+        old = identifier_for("aaaaaaaaaaaa", 3, "cus_A", "mcp_tool_calls")
+        v2.execute(
+            "INSERT INTO batch_groups (batch_id, stripe_customer, event_name, value, timestamp, "
+            "identifier) VALUES (3, 'cus_A', 'mcp_tool_calls', 4, ?, ?)",
+            (int(T0), old),
+        )
+    spool = Spool(path, synchronous="normal", replica_id="pod-a")
+    await spool.open()
+    try:
+        assert len(spool.spool_id) == 12 and spool.spool_id != "aaaaaaaaaaaa"
+        assert [g.identifier for g in await spool.open_groups()] == [old]
+        for g in await spool.open_groups():
+            await spool.mark_group(g, state="sent", now=T0 + 1)
+        assert await spool.finish_batches(T0 + 1) == 1
+        await spool.prune(before=T0 + 2)
+        await spool.append(event())
+        batch = await spool.claim_batch(T0 + 3, 100, METERS)
+        assert batch == 4  # not 1: the pruned ids stay used
+        [group] = await spool.open_groups()
+        assert group.identifier == identifier_for(spool.spool_id, 4, "cus_A", "mcp_tool_calls")
+    finally:
+        await spool.close()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"this is not a database" * 200, "cannot open the spool"), (None, "newer than")],
+)
+async def test_a_spool_file_it_cannot_use_is_a_clear_error(
+    tmp_path: Path, content: bytes | None, message: str
+) -> None:
+    path = tmp_path / "u.db"
+    if content is None:  # a spool written by a newer release
+        with sqlite3.connect(path) as newer:
+            newer.execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
+    else:
+        path.write_bytes(content)
+    spool = Spool(path, synchronous="normal", replica_id="pod-a")
+    with pytest.raises(SpoolError, match=message) as raised:
+        await spool.open()
+    assert str(path) in str(raised.value)
+    assert spool._db is None  # closed: its thread must not keep the process alive
+
+
 async def test_claim_aggregates_per_customer_and_meter(spool: Spool) -> None:
     for customer, units, tokens in [("cus_A", 1, 10), ("cus_A", 3, None), ("cus_B", 2, 5)]:
         await spool.append(event(customer=customer, units=units, tokens=tokens))
