@@ -5,16 +5,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
+import os
+import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .config import Config, ConfigError, default_config_path, load_config
 from .keys import KeySpace
 from .store import STORE_ERRORS, connect
 from .tenants import TenantError, TenantStore
+from .usage.spool import SpoolError
+
+if TYPE_CHECKING:  # serve imports the whole app: only `serve` and `demo` load it
+    from .serve import ListenError
 
 EXIT_USAGE = 2
 
@@ -53,6 +61,50 @@ async def _with_store(config: Config, work: Callable[[TenantStore], Awaitable[No
             await store.close()
 
 
+def _listen_error(error: ListenError, *, port_option: str) -> CliError:
+    """One line for a listening socket that cannot be bound; `port_option` is how the user
+    picks another port (listen.port, --port N)."""
+    exc, host, port = error.cause, error.host, error.port
+    # asyncio's strerror repeats the address ("error while attempting to bind on ...").
+    reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or exc
+    if exc.errno == errno.EADDRINUSE:
+        hint = f"; is another process using it? Pick another {port_option}"
+    elif exc.errno == errno.EACCES:
+        hint = f"; ports below 1024 need privileges: pick another {port_option}"
+    elif isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        hint = "; listen.host must be a name or address of this machine"
+    else:
+        hint = ""
+    return CliError(f"cannot listen on {host}:{port}: {reason}{hint}")
+
+
+def _spool_error(path: str, exc: SpoolError) -> CliError:
+    cause = exc.__cause__
+    if cause is None:  # the spool's own finding (e.g. a newer schema), with its advice
+        return CliError(f"spool.path {path}: {exc}")
+    reason = str(cause)
+    if isinstance(cause, OSError):
+        blocker = next((p for p in reversed(Path(path).parents) if p.is_file()), None)
+        if blocker is not None:  # mkdir's "File exists" would not say which file is in the way
+            reason = f"{blocker} is a file, not a directory"
+        else:
+            reason = cause.strerror or reason
+            if cause.filename is not None and str(cause.filename) != path:
+                reason = f"{reason} ({cause.filename})"
+    return CliError(
+        f"spool.path {path}: {reason}; fix or move the file, or point spool.path elsewhere"
+    )
+
+
+@contextlib.contextmanager
+def _spool_errors(config: Config) -> Iterator[None]:
+    """A spool that cannot be opened is the operator's to fix: one line, no traceback."""
+    try:
+        yield
+    except SpoolError as exc:
+        raise _spool_error(config.spool.path, exc) from None
+
+
 def _when(ts: int | None) -> str:
     return "-" if not ts else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -80,16 +132,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .logs import configure
-    from .serve import run_server
+    from .serve import ListenError, run_server
 
     config = _config(args)
     configure(config.log_level)
     try:
-        _run(run_server(config, config_path=args.config))
-    except OSError as exc:
-        raise CliError(
-            f"cannot listen on {config.listen.host}:{config.listen.port}: {exc.strerror or exc}"
-        ) from None
+        with _spool_errors(config):
+            _run(run_server(config, config_path=args.config))
+    except ListenError as exc:
+        raise _listen_error(exc, port_option="listen.port") from None
     return 0
 
 
@@ -104,7 +155,8 @@ def cmd_drain(args: argparse.Namespace) -> int:
             "billing.enabled is false: there is nothing to send. Enable it in config.yaml and "
             "set STRIPE_SECRET_KEY."
         )
-    report = asyncio.run(drain(config, once=args.once))
+    with _spool_errors(config):
+        report = asyncio.run(drain(config, once=args.once))
     if report is not None:
         print(
             f"claimed {report.claimed_batches} batches; sent {report.sent}, duplicates "
@@ -213,7 +265,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
         if u.tokens:
             print(f"  tokens       {u.tokens}")
 
-    asyncio.run(run())
+    with _spool_errors(config):
+        asyncio.run(run())
     return 0
 
 
@@ -239,7 +292,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         worst = max((abs(r.drift) for r in rows), default=0)
         return render(rows)
 
-    print(_run_stripe(run))
+    with _spool_errors(config):
+        print(_run_stripe(run))
     if worst > args.tolerance:
         print(f"drift {worst} is above the tolerance {args.tolerance}", file=sys.stderr)
         return 1
@@ -248,8 +302,12 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo.run import run_demo
+    from .serve import ListenError
 
-    return run_demo(port=args.port)
+    try:
+        return run_demo(port=args.port)
+    except ListenError as exc:
+        raise _listen_error(exc, port_option="port with --port N") from None
 
 
 def cmd_tenant(args: argparse.Namespace) -> int:

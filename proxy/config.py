@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -22,6 +23,7 @@ ENV_STRIPE_WEBHOOK_SECRET = "STRIPE_WEBHOOK_SECRET"
 ENV_STRIPE_API_BASE = "STRIPE_API_BASE"
 MEMORY_URL = "memory://"
 MIN_PEPPER_LEN = 16
+MAX_PORT = 65535
 
 
 class ConfigError(ValueError):
@@ -179,6 +181,10 @@ class Config:
 # --- reading -------------------------------------------------------------------------------
 
 
+def _bounds(minimum: int, maximum: int | None) -> str:
+    return f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+
+
 class _Reader:
     """Typed access to one YAML mapping, remembering the dotted path for error messages."""
 
@@ -216,20 +222,32 @@ class _Reader:
             raise ConfigError(f"{self._key(key)}: expected true or false, got {value!r}")
         return value
 
-    def integer(self, key: str, default: int | None, *, minimum: int = 0) -> int | None:
+    def integer(
+        self, key: str, default: int | None, *, minimum: int = 0, maximum: int | None = None
+    ) -> int | None:
         value = self._data.get(key, default)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < minimum
+            or (maximum is not None and value > maximum)
+        ):
             raise ConfigError(
-                f"{self._key(key)}: expected a whole number >= {minimum}, got {value!r}"
+                f"{self._key(key)}: expected a whole number {_bounds(minimum, maximum)}, "
+                f"got {value!r}"
             )
         return value
 
-    def required_int(self, key: str, default: int, *, minimum: int = 0) -> int:
-        value = self.integer(key, default, minimum=minimum)
+    def required_int(
+        self, key: str, default: int, *, minimum: int = 0, maximum: int | None = None
+    ) -> int:
+        value = self.integer(key, default, minimum=minimum, maximum=maximum)
         if value is None:
-            raise ConfigError(f"{self._key(key)}: must be set (a whole number >= {minimum})")
+            raise ConfigError(
+                f"{self._key(key)}: must be set (a whole number {_bounds(minimum, maximum)})"
+            )
         return value
 
     def number(self, key: str, default: float, *, minimum: float = 0.0) -> float:
@@ -319,6 +337,16 @@ def _url_like(value: str, key: str, schemes: tuple[str, ...]) -> str:
         raise ConfigError(
             f"{key}: expected a URL starting with {' or '.join(schemes)}://, got {value!r}"
         )
+    # Checked here, or the first connection dies with a traceback ("Port out of range").
+    address = value.partition("://")[2].partition("/")[0].rpartition("@")[2]  # no password
+    try:
+        port = urlsplit(value).port
+    except ValueError:  # not a number, above 65535, or a broken [IPv6] address
+        port = -1
+    if port is not None and not 1 <= port <= MAX_PORT:
+        raise ConfigError(
+            f"{key}: expected HOST or HOST:PORT with a port from 1 to {MAX_PORT}, got {address!r}"
+        )
     return value
 
 
@@ -378,7 +406,8 @@ def parse_config(data: Mapping[str, Any] | None, env: Mapping[str, str]) -> Conf
     lr = top.section("listen", {"host", "port"})
     listen = ListenConfig(
         host=lr.string("host", "127.0.0.1"),
-        port=lr.required_int("port", 8080, minimum=0),
+        # 0: the OS picks a free port. Above 65535 the OS would silently wrap the number.
+        port=lr.required_int("port", 8080, minimum=0, maximum=MAX_PORT),
     )
 
     ur = top.section("upstream", {"url", "mcp_paths", "connect_timeout_s"})

@@ -17,6 +17,14 @@ from .store import STORE_ERRORS
 log = structlog.get_logger(__name__)
 
 
+class ListenError(Exception):
+    """The listening socket could not be bound: the operator's to fix (port, host)."""
+
+    def __init__(self, host: str, port: int, cause: OSError) -> None:
+        super().__init__(f"cannot listen on {host}:{port}: {cause}")
+        self.host, self.port, self.cause = host, port, cause
+
+
 def redacted(url: str) -> str:
     """A Redis URL without its password, for messages."""
     scheme, sep, rest = url.partition("://")
@@ -94,7 +102,10 @@ async def run_server(
     )
     await runner.setup()
     site = web.TCPSite(runner, config.listen.host, config.listen.port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        raise ListenError(config.listen.host, config.listen.port, exc) from exc
     await startup_checks(c)
     port = runner.addresses[0][1] if runner.addresses else config.listen.port
     url = f"http://{config.listen.host}:{port}"

@@ -8,6 +8,7 @@ import contextlib
 import importlib.util
 import json
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -24,6 +25,8 @@ DEMO_PLAN = {
     "rate": {"per_second": 5, "burst": 10},
 }
 READY = b"READY "
+DEMO_HOST = "127.0.0.1"
+STOP_SIGNALS = (signal.SIGHUP, signal.SIGTERM)
 
 
 async def _start_upstream() -> tuple[asyncio.subprocess.Process, str]:
@@ -36,6 +39,9 @@ async def _start_upstream() -> tuple[asyncio.subprocess.Process, str]:
         "--stateless",
         "--json",
         stdout=asyncio.subprocess.PIPE,
+        # Out of the terminal's process group: Ctrl-C must reach the proxy alone, which then
+        # lets in-flight calls finish before it stops the server (in `_demo`'s finally).
+        start_new_session=True,
     )
     assert proc.stdout is not None
     async with asyncio.timeout(30):
@@ -63,14 +69,38 @@ def _curl(url: str, key: str) -> str:
     )
 
 
+async def _stop_upstream(proc: asyncio.subprocess.Process) -> None:
+    """Terminate the server, and kill it if it lingers, even if this task is cancelled
+    meanwhile: in its own session, nothing else would stop it."""
+    if proc.returncode is not None:
+        return
+    proc.terminate()
+    try:
+        async with asyncio.timeout(5):
+            await proc.wait()
+    except TimeoutError:
+        pass
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    await proc.wait()
+
+
 async def _demo(port: int, spool_dir: str) -> None:
+    # A closed terminal (SIGHUP) no longer reaches the server in its own session, and a
+    # SIGTERM before run_server handles it would leave it running: both stop the demo (and
+    # then the server) the way run_server stops on SIGINT/SIGTERM.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
     upstream, upstream_url = await _start_upstream()
     try:
         # An empty environment: the demo always runs on the embedded store, even if REDIS_URL
         # is set for something else.
         config = parse_config(
             {
-                "listen": {"host": "127.0.0.1", "port": port},
+                "listen": {"host": DEMO_HOST, "port": port},
                 "upstream": {"url": upstream_url.removesuffix("/mcp")},
                 "plans": {"free": DEMO_PLAN},
                 "spool": {"path": f"{spool_dir}/usage.db"},
@@ -102,16 +132,11 @@ async def _demo(port: int, spool_dir: str) -> None:
                 flush=True,
             )
 
-        await run_server(config, components=components, on_ready=announce)
+        await run_server(config, components=components, on_ready=announce, stop=stop)
     finally:
-        if upstream.returncode is None:
-            upstream.terminate()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5):
-                    await upstream.wait()
-            if upstream.returncode is None:
-                upstream.kill()
-                await upstream.wait()
+        await _stop_upstream(upstream)
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
 
 
 def run_demo(port: int) -> int:

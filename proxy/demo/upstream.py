@@ -144,7 +144,11 @@ def build_uvicorn(args: argparse.Namespace) -> uvicorn.Server:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     server = build_uvicorn(args)
-    asyncio.run(server.serve())
+    try:
+        asyncio.run(server.serve())
+    except KeyboardInterrupt:
+        # uvicorn shuts down on Ctrl-C, then re-raises SIGINT: a traceback would follow.
+        return 130
     return 0 if server.started else 1
 
 

@@ -258,8 +258,19 @@ def test_check_config_honours_mqp_config(workdir: Path, tmp_path: Path) -> None:
         ("upstream: {url: ftp://x}\n", ["upstream.url", "http"]),
         ("default_plan: gold\n", ["default_plan", "gold", "free"]),
         ("log_level: loud\n", ["log_level", "debug", "info", "warning", "error"]),
+        ("listen: {port: 70000}\n", ["listen.port", "from 0 to 65535", "70000"]),
+        ("upstream: {url: 'http://up:99999'}\n", ["upstream.url", "1 to 65535", "up:99999"]),
     ],
-    ids=["bad-choice", "unknown-key", "fail-mode", "upstream-url", "default-plan", "log-level"],
+    ids=[
+        "bad-choice",
+        "unknown-key",
+        "fail-mode",
+        "upstream-url",
+        "default-plan",
+        "log-level",
+        "listen-port-range",
+        "upstream-port-range",
+    ],
 )
 def test_check_config_rejects_bad_values_by_path(
     workdir: Path, text: str, expected: list[str]
@@ -536,7 +547,56 @@ def test_serve_on_a_busy_port_names_the_port_not_redis(workdir: Path) -> None:
             repo_config_with(listen={"port": port}, redis={"url": "memory://"}),
         )
         result = run_cli(["serve", "--config", str(config)], env=clean_env(), cwd=workdir)
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert_no_traceback(result)
-    assert str(port) in result.stderr
-    assert "Redis" not in result.stderr, result.stderr
+    assert result.stderr == (
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use; is another process "
+        "using it? Pick another listen.port\n"
+    )
+
+
+# --- 7. the spool cannot be opened -----------------------------------------------------------
+
+SPOOL_FIX = "fix or move the file, or point spool.path elsewhere"
+
+
+def test_serve_with_a_spool_path_under_a_regular_file_names_spool_path(
+    workdir: Path, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where a directory should be\n", encoding="utf-8")
+    spool = blocker / "spool" / "usage.db"
+    config = write_yaml(
+        workdir / "spool.yaml",
+        repo_config_with(
+            listen={"port": 0}, redis={"url": "memory://"}, spool={"path": str(spool)}
+        ),
+    )
+    # Port 0 would bind: a serve that got past the spool runs until the timeout fails the test.
+    result = run_cli(["serve", "--config", str(config)], env=clean_env(), cwd=workdir)
+    assert result.returncode == 2
+    assert_no_traceback(result)
+    assert result.stderr == (
+        f"error: spool.path {spool}: {blocker} is a file, not a directory; {SPOOL_FIX}\n"
+    )
+
+
+@pytest.mark.parametrize("verb", [["serve"], ["usage", "acme"]], ids=lambda v: v[0])
+def test_a_spool_that_is_not_sqlite_is_one_line_not_a_hang(
+    workdir: Path, tmp_path: Path, verb: list[str]
+) -> None:
+    spool = tmp_path / "usage.db"
+    spool.write_bytes(b"this is not an SQLite database, only text that looks like one\n" * 64)
+    config = write_yaml(
+        workdir / "garbage.yaml",
+        repo_config_with(
+            listen={"port": 0}, redis={"url": "memory://"}, spool={"path": str(spool)}
+        ),
+    )
+    # An SQLite connection left open keeps its thread, and the process, alive: the timeout
+    # turns that hang into a failure.
+    result = run_cli([*verb, "--config", str(config)], env=clean_env(), cwd=workdir, timeout=20)
+    assert result.returncode == 2
+    assert_no_traceback(result)
+    assert result.stderr == f"error: spool.path {spool}: file is not a database; {SPOOL_FIX}\n"
+    assert "cannot listen" not in result.stderr

@@ -10,6 +10,7 @@ import pytest
 from proxy.config import (
     ENV_PEPPER,
     ENV_REDIS_URL,
+    ENV_STRIPE_API_BASE,
     MEMORY_URL,
     MIN_PEPPER_LEN,
     Config,
@@ -333,6 +334,56 @@ def plan_with(**settings: Any) -> dict[str, Any]:
 def test_invalid_value_names_its_dotted_key(data: Any, key: str) -> None:
     message = config_error(data)
     assert message.startswith(f"{key}:"), message
+
+
+@pytest.mark.parametrize("port", [0, 1, 65535])
+def test_listen_port_accepts_the_tcp_range(port: int) -> None:
+    assert parse_config({"listen": {"port": port}}, {}).listen.port == port
+
+
+@pytest.mark.parametrize("port", [65536, 70000, 2**32])
+def test_listen_port_above_65535_is_refused(port: int) -> None:
+    # The OS would take the port modulo 65536: 70000 listens on 4464.
+    message = config_error({"listen": {"port": port}})
+    assert message == f"listen.port: expected a whole number from 0 to 65535, got {port}"
+
+
+@pytest.mark.parametrize(
+    ("data", "env", "key", "address"),
+    [
+        ({"upstream": {"url": "http://up:70000"}}, {}, "upstream.url", "up:70000"),
+        ({"upstream": {"url": "http://up:0/mcp"}}, {}, "upstream.url", "up:0"),
+        ({"upstream": {"url": "http://up:http"}}, {}, "upstream.url", "up:http"),
+        (
+            {"redis": {"url": "redis://:hunter2@r:65536/0"}},
+            {ENV_PEPPER: PEPPER},
+            "redis.url (or REDIS_URL)",
+            "r:65536",
+        ),
+        (
+            None,
+            {ENV_REDIS_URL: "redis://r:99999", ENV_PEPPER: PEPPER},
+            "redis.url (or REDIS_URL)",
+            "r:99999",
+        ),
+        (None, {ENV_STRIPE_API_BASE: "http://fake:123456"}, "STRIPE_API_BASE", "fake:123456"),
+    ],
+    ids=["upstream-high", "upstream-zero", "upstream-name", "redis", "redis-env", "stripe-base"],
+)
+def test_url_with_a_bad_port_is_refused_without_echoing_secrets(
+    data: Any, env: dict[str, str], key: str, address: str
+) -> None:
+    message = config_error(data, env)
+    assert message.startswith(f"{key}: expected HOST or HOST:PORT with a port from 1 to 65535")
+    assert message.endswith(f"got {address!r}")
+    assert "hunter2" not in message
+
+
+@pytest.mark.parametrize(
+    "url", ["http://up", "http://up:1", "http://up:65535/", "http://[::1]:8000", "https://up"]
+)
+def test_upstream_url_with_a_valid_port_is_accepted(url: str) -> None:
+    assert parse_config({"upstream": {"url": url}}, {}).upstream.url == url.rstrip("/")
 
 
 def test_default_plan_error_lists_defined_plans() -> None:
