@@ -190,7 +190,9 @@ async def _healthz(_: web.Request) -> web.Response:
 
 async def _readyz(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
-    ready, components = await readiness(c.config, c.stores, c.guard, c.sink, c.lifecycle)
+    ready, components = await readiness(
+        c.config, c.stores, c.guard, c.sink, c.lifecycle, knows_tenants=c.directory.knows_tenants
+    )
     return web.json_response(
         {"status": "ready" if ready else "not_ready", "components": components},
         status=200 if ready else 503,

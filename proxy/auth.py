@@ -39,15 +39,26 @@ def keys_match(a: str, b: str) -> bool:
 
 def extract_key(headers: Mapping[str, str]) -> str | None:
     """The tenant key from `Authorization: Bearer <key>` or `X-API-Key`, else None."""
+    token = _offered(headers)
+    return None if token is None else _plausible(token)
+
+
+def key_offered(headers: Mapping[str, str]) -> bool:
+    """Whether the request offers a key at all, usable or not: a refusal then says the key is
+    invalid rather than missing (RFC 6750: no credentials at all is not an invalid token)."""
+    return _offered(headers) is not None
+
+
+def _offered(headers: Mapping[str, str]) -> str | None:
+    """The non-empty token where a key goes (the Bearer token, else X-API-Key), unchecked."""
     auth = headers.get("Authorization")
     if auth is not None:
         scheme, _, token = auth.strip().partition(" ")
-        if scheme.lower() == "bearer":
-            return _plausible(token.strip())
-        return None
+        token = token.strip()
+        return token if token and scheme.lower() == "bearer" else None
     api_key = headers.get("X-API-Key")
     if api_key is not None:
-        return _plausible(api_key.strip())
+        return api_key.strip() or None
     return None
 
 

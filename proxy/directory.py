@@ -58,6 +58,11 @@ class Directory:
     def live(self) -> bool:
         return self._live
 
+    @property
+    def knows_tenants(self) -> bool:
+        """Whether some key can be authenticated without the store (the outage fallback)."""
+        return bool(self._by_hash or self._stale_by_hash)
+
     async def start(self) -> None:
         self._task = asyncio.create_task(self._listen(), name="directory-invalidations")
         # Start serving with a trusted cache if the store is up; never block startup on it.

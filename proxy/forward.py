@@ -12,7 +12,7 @@ import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from .auth import extract_key
+from .auth import extract_key, key_offered
 from .billing.plansync import effective_plan
 from .clock import Clock
 from .config import Config
@@ -46,7 +46,14 @@ from .jsonrpc import (
 )
 from .jsonrpc import error as rpc_error
 from .metrics import Metrics
-from .replies import cors_headers, json_reply, preflight, rpc_error_reply, unauthorized
+from .replies import (
+    cors_headers,
+    json_reply,
+    preflight,
+    reply_id,
+    rpc_error_reply,
+    unauthorized,
+)
 from .sessions import Sessions
 from .settle import PendingCall, Settler
 from .sse import SSEEventTooLarge, SSEParser
@@ -114,7 +121,8 @@ class McpProxy:
             return preflight(origin)
         key = extract_key(request.headers)
         if key is None:
-            return _with(unauthorized(None, UNAUTHORIZED), cors)
+            offered = key_offered(request.headers)
+            return _with(unauthorized(None, UNAUTHORIZED, key_offered=offered), cors)
         try:
             tenant, _ = await self._directory.authenticate(key)
         except StoreUnavailable:
@@ -125,29 +133,21 @@ class McpProxy:
                 headers={"Retry-After": "5", **cors},
             )
         if tenant is None:
-            return _with(unauthorized(None, UNAUTHORIZED), cors)
+            return _with(unauthorized(None, UNAUTHORIZED, key_offered=True), cors)
 
         request_id = ctx.request_id = request_id_of(request.headers)
         ctx.tenant = tenant.id
-        plan = effective_plan(tenant, self._clock.time(), self._cfg)
+        now = self._clock.time()
+        plan = effective_plan(tenant, now, self._cfg)
         session_id = request.headers.get("Mcp-Session-Id")
-        if session_id is not None:
-            if not _valid_session_id(session_id):
-                return rpc_error_reply(
-                    400,
-                    INVALID_REQUEST,
-                    "Mcp-Session-Id must be 1-1024 visible ASCII characters; use the id the "
-                    "server returned from initialize.",
-                    headers=cors,
-                )
-            owner = await self._sessions.owner(session_id)
-            if owner is not None and owner != tenant.id:
-                return rpc_error_reply(
-                    404,
-                    SESSION_FORBIDDEN,
-                    "Session not found for this API key; start a new session (initialize).",
-                    headers=cors,
-                )
+        if session_id is not None and not _valid_session_id(session_id):
+            return rpc_error_reply(
+                400,
+                INVALID_REQUEST,
+                "Mcp-Session-Id must be 1-1024 visible ASCII characters; use the id the "
+                "server returned from initialize.",
+                headers=cors,
+            )
 
         body = b""
         parsed: Body | None = None
@@ -178,7 +178,31 @@ class McpProxy:
                 )
             try:
                 parsed = parse_body(body)
-                ctx.method = method_label(parsed)
+            except RpcError as exc:
+                return rpc_error_reply(400, exc.code, exc.message, exc.rpc_id, cors)
+            ctx.method = method_label(parsed)
+        elif request.method not in ("GET", "DELETE"):
+            return rpc_error_reply(
+                405,
+                INVALID_REQUEST,
+                "Use POST, GET or DELETE on this endpoint.",
+                headers={"Allow": "GET, POST, DELETE, OPTIONS", **cors},
+            )
+        rpc_id = reply_id(parsed)
+        if session_id is not None:
+            # Checked once the body is parsed, so the answer carries the request's id; and
+            # before gating, so a foreign session never reserves anything.
+            owner = await self._sessions.owner(session_id)
+            if owner is not None and owner != tenant.id:
+                return rpc_error_reply(
+                    404,
+                    SESSION_FORBIDDEN,
+                    "Session not found for this API key; start a new session (initialize).",
+                    rpc_id,
+                    cors,
+                )
+        if parsed is not None:
+            try:
                 gated = await gate(
                     parsed,
                     tenant,
@@ -188,6 +212,7 @@ class McpProxy:
                     modern=is_modern(request.headers.get("MCP-Protocol-Version")),
                     request_id=request_id,
                     session_id=session_id,
+                    now=now,
                 )
             except RpcError as exc:
                 return rpc_error_reply(400, exc.code, exc.message, exc.rpc_id, cors)
@@ -195,13 +220,6 @@ class McpProxy:
             if gated.replies:
                 ctx.outcome = "answered_here"
                 return await self._answer_here(parsed, gated, cors)
-        elif request.method not in ("GET", "DELETE"):
-            return rpc_error_reply(
-                405,
-                INVALID_REQUEST,
-                "Use POST, GET or DELETE on this endpoint.",
-                headers={"Allow": "GET, POST, DELETE, OPTIONS", **cors},
-            )
         initialize = parsed is not None and any(
             m.get("method") == "initialize" for m in parsed.messages
         )
@@ -215,6 +233,7 @@ class McpProxy:
             cors,
             initialize=initialize,
             hidden=plan.hidden_tools,
+            rpc_id=rpc_id,
         )
 
     async def _answer_here(
@@ -250,6 +269,7 @@ class McpProxy:
         *,
         initialize: bool,
         hidden: frozenset[str],
+        rpc_id: RpcId | None,
     ) -> web.StreamResponse:
         request_id = ctx.request_id
         outstanding = dict(gated.pending)
@@ -276,7 +296,8 @@ class McpProxy:
                     502,
                     UPSTREAM_UNAVAILABLE,
                     "The MCP server behind this proxy is unreachable; retry shortly.",
-                    headers=cors,
+                    rpc_id,
+                    cors,
                 )
             try:
                 headers = downstream_response_headers(up.headers)
@@ -309,7 +330,8 @@ class McpProxy:
                             502,
                             UPSTREAM_UNAVAILABLE,
                             "The MCP server's reply broke off or was too large; retry shortly.",
-                            headers=cors,
+                            rpc_id,
+                            cors,
                         )
                     if outstanding:
                         await self._refund(outstanding)  # not answered in the reply

@@ -34,11 +34,14 @@ class GateResult:
     hidden: list[str] = field(default_factory=list)  # refused as unknown tools
 
 
-def refusal(rpc_id: RpcId, decision: Decision, cfg: ProxyConfig, modern: bool) -> dict[str, Any]:
+def refusal(
+    rpc_id: RpcId, decision: Decision, cfg: ProxyConfig, modern: bool, now: float
+) -> dict[str, Any]:
     text = refusal_text(decision, cfg.upgrade_url)
     if cfg.refusal_mode == "jsonrpc_error":
         return rpc_error(rpc_id, QUOTA_EXCEEDED, text)
-    return tool_error(rpc_id, text, {META_KEY: refusal_meta(decision, cfg.upgrade_url)}, modern)
+    meta = refusal_meta(decision, cfg.upgrade_url, now)
+    return tool_error(rpc_id, text, {META_KEY: meta}, modern)
 
 
 async def gate(
@@ -51,6 +54,7 @@ async def gate(
     modern: bool,
     request_id: str,
     session_id: str | None,
+    now: float,
 ) -> GateResult:
     out = GateResult()
     seen: set[RpcId] = set()
@@ -95,5 +99,5 @@ async def gate(
                 billed=plan.billed,
             )
         else:
-            out.replies[rpc_id] = refusal(rpc_id, decision, cfg, modern)
+            out.replies[rpc_id] = refusal(rpc_id, decision, cfg, modern, now)
     return out

@@ -46,9 +46,13 @@ async def readiness(
     guard: StoreGuard,
     sink: UsageSink,
     lifecycle: Lifecycle,
+    *,
+    knows_tenants: bool = True,
 ) -> tuple[bool, dict[str, str]]:
     """(ready, component -> state). Ready only when every component is fine; a Redis outage
-    under fail_mode open is an explicit, still-ready `degraded`."""
+    under fail_mode open is an explicit, still-ready `degraded` only while `knows_tenants`
+    (the tenant cache can authenticate someone without Redis): a replica that knows nobody
+    answers every request 503 then, so it is `down` and not ready."""
     components: dict[str, str] = {}
     if config.redis.embedded:
         components["redis"] = "embedded"
@@ -57,7 +61,8 @@ async def readiness(
             await guard.run(stores.main.ping)
             components["redis"] = "ok"
         except StoreUnavailable:
-            components["redis"] = "degraded" if config.redis.fail_mode == "open" else "down"
+            fail_open = config.redis.fail_mode == "open"
+            components["redis"] = "degraded" if fail_open and knows_tenants else "down"
     if isinstance(sink, Spool):
         try:
             await sink.check_writable()

@@ -10,7 +10,7 @@ import stripe
 import structlog
 from aiohttp import web
 
-from ..auth import extract_key
+from ..auth import extract_key, key_offered
 from ..clock import Clock
 from ..config import Config
 from ..directory import Directory
@@ -47,11 +47,11 @@ class BillingApi:
     async def _tenant(self, request: web.Request) -> Tenant | web.Response:
         key = extract_key(request.headers)
         if key is None:
-            return unauthorized(None, UNAUTHORIZED)
+            return unauthorized(None, UNAUTHORIZED, key_offered=key_offered(request.headers))
         try:
             tenant, _ = await self._directory.authenticate(key)
             if tenant is None:
-                return unauthorized(None, UNAUTHORIZED)
+                return unauthorized(None, UNAUTHORIZED, key_offered=True)
             # Billing answers use the record as it is now, not a cached copy.
             return await self._directory.refresh_tenant(tenant.id) or tenant
         except StoreUnavailable:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
 
 from ..config import Plan
+
+UNAVAILABLE_RETRY_MS = 60_000  # "Retry in a minute", as the refusal text says
 
 
 class Outcome(Enum):
@@ -94,7 +97,17 @@ def refusal_text(decision: Decision, upgrade_url: str) -> str:
     )
 
 
-def refusal_meta(decision: Decision, upgrade_url: str) -> dict[str, object]:
+def retry_after_ms(decision: Decision, now: float) -> int:
+    """How long a refused caller should wait, in the same terms as its refusal text: until
+    the period resets for an exhausted quota (never 0, which reads as "retry now")."""
+    if decision.outcome is Outcome.REFUSED_QUOTA:
+        return max(1, math.ceil((decision.period.end - now) * 1000))
+    if decision.outcome is Outcome.UNAVAILABLE:
+        return UNAVAILABLE_RETRY_MS
+    return decision.retry_after_ms
+
+
+def refusal_meta(decision: Decision, upgrade_url: str, now: float) -> dict[str, object]:
     """Machine-readable detail for agents and SDKs that look at `_meta`."""
     return {
         "reason": decision.outcome.value,
@@ -104,6 +117,6 @@ def refusal_meta(decision: Decision, upgrade_url: str) -> dict[str, object]:
         "cost": decision.cost,
         "period_start": iso(decision.period.start),
         "resets_at": iso(decision.period.end),
-        "retry_after_ms": decision.retry_after_ms,
+        "retry_after_ms": retry_after_ms(decision, now),
         "upgrade_url": upgrade_url or None,
     }

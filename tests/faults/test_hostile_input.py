@@ -1449,7 +1449,8 @@ async def test_upstream_garbage_gets_a_clean_answer_and_a_refund(
         if kind == "bytes":
             assert got_body == body, "the client did not get the upstream's own bytes"
         else:
-            assert assert_rpc_error(got_body)["error"]["code"] == -31502
+            doc = assert_rpc_error(got_body)
+            assert (doc["error"]["code"], doc["id"]) == (-31502, 1)  # the request's own id
     assert len(up.got) == 1
     # A broken upstream stream is re-raised on purpose (forward.py logs upstream_stream_broken
     # and re-raises so aiohttp aborts the client's transfer); nothing else may escape.

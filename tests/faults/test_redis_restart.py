@@ -50,7 +50,7 @@ import yaml
 
 from proxy.keys import KeySpace
 from proxy.quota.policy import calendar_month
-from proxy.replies import AUTH_HELP
+from proxy.replies import INVALID_KEY_HELP
 from tests.fakes.stripe_fake import StripeFake
 from tests.fakes.upstream import ScriptedUpstream
 from tests.faults.conftest import (
@@ -351,11 +351,11 @@ async def test_redis_without_persistence_restarts_empty(
         await asyncio.to_thread(rig.redis.start)  # same port, empty
         assert rig.all_keys() == []
         first_401 = await _old_key_until_401(rig, http, calls["restart"])
-        assert first_401.message == AUTH_HELP
+        assert first_401.message == INVALID_KEY_HELP
         for i in range(20):
             calls["after"].append(await tool_call(http, rig.serve.url, rig.key, f"z-{i}"))
         assert {r.status for r in calls["after"]} == {401}
-        assert {r.message for r in calls["after"]} == {AUTH_HELP}
+        assert {r.message for r in calls["after"]} == {INVALID_KEY_HELP}
         await until(lambda: _redis_ok(rig, http), 10, "serve to report Redis ok")
 
         # What the running serve said about it: the channel was lost, the store came back empty.

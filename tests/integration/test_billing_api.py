@@ -19,7 +19,7 @@ import stripe
 from proxy.clock import ManualClock
 from proxy.config import Config, parse_config
 from proxy.jsonrpc import UNAUTHORIZED
-from proxy.replies import AUTH_HELP
+from proxy.replies import AUTH_HELP, INVALID_KEY_HELP
 from tests.conftest import PEPPER
 from tests.fakes.stripe_fake import Fault, StripeFake, run_stripe_fake
 from tests.fakes.upstream import ScriptedUpstream
@@ -53,12 +53,15 @@ PLANS: dict[str, Any] = {
 USAGE = "/api/billing/usage"
 PORTAL = "/api/billing/portal"
 CHECKOUT = "/api/billing/checkout"
-CHALLENGE = 'Bearer realm="mcp", error="invalid_token", error_description="API key required"'
-UNAUTHORIZED_BODY = {
-    "jsonrpc": "2.0",
-    "id": None,
-    "error": {"code": UNAUTHORIZED, "message": AUTH_HELP},
-}
+# (challenge, body) of a 401: no usable key offered, or one this service does not know.
+MISSING = (
+    'Bearer realm="mcp", error="invalid_token", error_description="API key required"',
+    {"jsonrpc": "2.0", "id": None, "error": {"code": UNAUTHORIZED, "message": AUTH_HELP}},
+)
+INVALID = (
+    'Bearer realm="mcp", error="invalid_token", error_description="invalid API key"',
+    {"jsonrpc": "2.0", "id": None, "error": {"code": UNAUTHORIZED, "message": INVALID_KEY_HELP}},
+)
 PORTAL_502 = {"error": "Stripe could not create a billing portal session; retry."}
 CHECKOUT_502 = {"error": "Stripe could not create a checkout session; retry."}
 CHECKOUT_503 = {"error": "Checkout is not configured on this proxy (billing.checkout_success_url)."}
@@ -318,39 +321,60 @@ ENDPOINTS = [("GET", USAGE), ("POST", PORTAL), ("POST", CHECKOUT)]
 
 
 async def _assert_all_refused(
-    proxy: RunningProxy, fake: StripeFake, headers: dict[str, str], secrets: list[str]
+    proxy: RunningProxy,
+    fake: StripeFake,
+    headers: dict[str, str],
+    secrets: list[str],
+    refusal: tuple[str, dict[str, Any]] = MISSING,
 ) -> None:
+    challenge, refused_body = refusal
     for method, path in ENDPOINTS:
         for query in ("", "?tenant=acme"):
             status, hdrs, body = await request(
                 method, proxy.base + path + query, headers, json_body={"tenant": "acme"}
             )
-            assert (status, body) == (401, UNAUTHORIZED_BODY), (method, path)
-            assert hdrs["WWW-Authenticate"] == CHALLENGE
+            assert (status, body) == (401, refused_body), (method, path)
+            assert hdrs["WWW-Authenticate"] == challenge
             assert not any(s in str(body) for s in secrets)
     assert fake.calls == []
     assert fake.portal_sessions == {} and fake.checkout_sessions == {}
 
 
 @pytest.mark.parametrize(
-    "headers",
+    ("headers", "refusal"),
     [
-        {},
-        {"Authorization": "Bearer mqp_000000000000_unknownsecret"},
-        {"X-API-Key": "mqp_000000000000_unknownsecret"},
-        {"Authorization": "Bearer "},
-        {"Authorization": "Basic dXNlcjpwYXNz"},
-        {"Authorization": "Token something", "X-API-Key": "mqp_000000000000_unknownsecret"},
+        ({}, MISSING),
+        ({"Authorization": "Bearer mqp_000000000000_unknownsecret"}, INVALID),
+        ({"X-API-Key": "mqp_000000000000_unknownsecret"}, INVALID),
+        ({"X-API-Key": "not a key at all"}, INVALID),
+        ({"Authorization": "Bearer "}, MISSING),
+        ({"Authorization": "Basic dXNlcjpwYXNz"}, MISSING),
+        (
+            {"Authorization": "Token something", "X-API-Key": "mqp_000000000000_unknownsecret"},
+            MISSING,
+        ),
     ],
-    ids=["missing", "unknown-bearer", "unknown-x-api-key", "empty-bearer", "basic", "other"],
+    ids=[
+        "missing",
+        "unknown-bearer",
+        "unknown-x-api-key",
+        "malformed-x-api-key",
+        "empty-bearer",
+        "basic",
+        "other",
+    ],
 )
 async def test_no_valid_key_is_401_and_leaks_nothing(
-    proxy: RunningProxy, fake: StripeFake, prices: Prices, headers: dict[str, str]
+    proxy: RunningProxy,
+    fake: StripeFake,
+    prices: Prices,
+    headers: dict[str, str],
+    refusal: tuple[str, dict[str, Any]],
 ) -> None:
     customer = fake.add_customer(name="Acme")["id"]
     key = await proxy.tenant_with_key("acme", plan="pro", stripe_customer=customer)
     await tool_calls(proxy, key, 1)
-    await _assert_all_refused(proxy, fake, headers, ["acme", customer])
+    await _assert_all_refused(proxy, fake, headers, ["acme", customer], refusal)
 
 
 async def test_a_valid_key_in_a_non_bearer_authorization_is_401(
@@ -373,7 +397,7 @@ async def test_revoked_key_is_401(proxy: RunningProxy, fake: StripeFake, prices:
     await tenants.revoke_key("acme", info.key_id)
     await wait_for_revocation(proxy, key)
     for headers in (key_headers(key), key_headers(key, "x-api-key")):
-        await _assert_all_refused(proxy, fake, headers, ["acme", customer])
+        await _assert_all_refused(proxy, fake, headers, ["acme", customer], INVALID)
     # The tenant's other key still works.
     other, _ = await tenants.issue_key("acme", label="second", now=0)
     assert await usage(proxy, other) == (200, usage_doc("acme", "pro", 0))

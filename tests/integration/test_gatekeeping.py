@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from proxy.clock import ManualClock
 from tests.conftest import ConfigFactory
 from tests.fakes.upstream import ScriptedUpstream
-from tests.proxy_harness import RunningProxy, run_proxy
+from tests.proxy_harness import RunningProxy, local_server, run_proxy
 from tests.rpc import ACCEPT, bearer, call
 
 
@@ -41,25 +44,35 @@ async def _post(
             return r.status, dict(r.headers), await r.json(content_type=None)
 
 
+REQUIRED = 'Bearer realm="mcp", error="invalid_token", error_description="API key required"'
+INVALID = 'Bearer realm="mcp", error="invalid_token", error_description="invalid API key"'
+
+
 @pytest.mark.parametrize(
-    "headers",
+    ("headers", "challenge"),
     [
-        ACCEPT,
-        {**ACCEPT, "Authorization": "Bearer mqp_000000000000_unknownsecret"},
-        {**ACCEPT, "Authorization": "Basic dXNlcjpwYXNz"},
-        {**ACCEPT, "X-API-Key": "not-a-key"},
+        (ACCEPT, REQUIRED),
+        ({**ACCEPT, "Authorization": "Bearer mqp_000000000000_unknownsecret"}, INVALID),
+        ({**ACCEPT, "Authorization": "Basic dXNlcjpwYXNz"}, REQUIRED),
+        ({**ACCEPT, "X-API-Key": "not-a-key"}, INVALID),
+        ({**ACCEPT, "Authorization": "Bearer " + "k" * 300}, INVALID),  # too long to be one
     ],
-    ids=["missing", "unknown", "other-scheme", "bad-x-api-key"],
+    ids=["missing", "unknown", "other-scheme", "bad-x-api-key", "overlong"],
 )
 async def test_no_valid_key_is_401_and_upstream_sees_nothing(
-    proxy: RunningProxy, scripted: tuple[ScriptedUpstream, str], headers: dict[str, str]
+    proxy: RunningProxy,
+    scripted: tuple[ScriptedUpstream, str],
+    headers: dict[str, str],
+    challenge: str,
 ) -> None:
     for body in (call(1, "add"), {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {}}):
         status, hdrs, doc = await _post(proxy.url, body, headers)
         assert status == 401
-        assert hdrs["WWW-Authenticate"].startswith('Bearer realm="mcp", error="invalid_token"')
+        assert hdrs["WWW-Authenticate"] == challenge
         assert "resource_metadata" not in hdrs["WWW-Authenticate"]
         assert "Authorization: Bearer <key>" in str(doc["error"])
+        invalid = challenge == INVALID
+        assert doc["error"]["message"].startswith("Invalid API key") is invalid
     assert scripted[0].requests == []
 
 
@@ -77,9 +90,10 @@ async def test_revoked_key_is_401(
             break
         await asyncio.sleep(0.001)
     seen = len(scripted[0].requests)
-    status, _, doc = await _post(proxy.url, call(2, "add"), bearer(key))
+    status, hdrs, doc = await _post(proxy.url, call(2, "add"), bearer(key))
     assert status == 401
     assert doc["error"]["code"] == -31401
+    assert hdrs["WWW-Authenticate"] == INVALID
     assert len(scripted[0].requests) == seen
 
 
@@ -239,3 +253,63 @@ async def test_slow_body_is_cut_off_with_408(
     assert status_line.startswith(b"HTTP/1.1 408")
     assert 0.2 < waited < 2.0
     assert scripted[0].requests == []
+
+
+# --- the proxy's own errors echo the request's id (JSON-RPC 2.0 section 5) -------------------
+
+
+async def test_foreign_session_404_echoes_the_request_id(
+    proxy: RunningProxy, scripted: tuple[ScriptedUpstream, str]
+) -> None:
+    await proxy.tenant_with_key("owner")
+    key = await proxy.tenant_with_key("thief")
+    await proxy.components.sessions.bind("sess-of-owner", "owner")
+    headers = {**bearer(key), "Mcp-Session-Id": "sess-of-owner"}
+    status, _, doc = await _post(proxy.url, call("call-7", "add"), headers)
+    assert status == 404
+    assert doc["id"] == "call-7"
+    assert doc["error"]["code"] == -31404
+    # A batch has no one id: null, as for a batch the parser refuses.
+    batch = json.dumps([call(8, "add"), call(9, "echo")]).encode()
+    status, _, doc = await _post(proxy.url, batch, headers)
+    assert (status, doc["id"]) == (404, None)
+    assert scripted[0].requests == []
+    engine = proxy.components.engine
+    assert await engine.used("thief", engine.period(None, None)) == 0
+
+
+async def test_unreachable_upstream_502_echoes_the_request_id(
+    make_config: ConfigFactory,
+) -> None:
+    async with local_server(web.Application()) as gone:
+        pass  # closed again: nothing listens on its port now
+    async with run_proxy(make_config(upstream={"url": gone})) as proxy:
+        key = await proxy.tenant_with_key("acme")
+        status, _, doc = await _post(proxy.url, call(41, "add"), bearer(key))
+        assert status == 502
+        assert doc["id"] == 41
+        assert doc["error"]["code"] == -31502
+        notification = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+        status, _, doc = await _post(proxy.url, notification, bearer(key))
+        assert (status, doc["id"]) == (502, None)  # nothing to echo
+        engine = proxy.components.engine
+        assert await engine.used("acme", engine.period(None, None)) == 0  # refunded
+
+
+async def test_quota_refusal_tells_the_agent_to_wait_until_the_reset(
+    make_config: ConfigFactory, scripted: tuple[ScriptedUpstream, str]
+) -> None:
+    clock = ManualClock()  # 2026-01-01T00:00:00Z
+    clock.advance(30 * 86400 + 82800)  # 2026-01-31T23:00:00Z: one hour before the reset
+    config = make_config(upstream={"url": scripted[1]}, plans={"free": {"included_units": 1}})
+    async with run_proxy(config, clock=clock) as proxy:
+        key = await proxy.tenant_with_key("acme")
+        assert (await _post(proxy.url, call(1, "add"), bearer(key)))[0] == 200
+        status, headers, doc = await _post(proxy.url, call(2, "add"), bearer(key))
+    assert status == 200  # never 429 on tools/call
+    assert "Retry-After" not in headers
+    assert doc["result"]["isError"] is True
+    assert "Do not retry before 2026-02-01T00:00:00Z" in doc["result"]["content"][0]["text"]
+    meta = doc["result"]["_meta"]["mcp-quota-proxy/quota"]
+    assert meta["resets_at"] == "2026-02-01T00:00:00Z"
+    assert meta["retry_after_ms"] == 3_600_000

@@ -15,9 +15,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from proxy.breaker import CircuitBreaker
 from proxy.clock import ManualClock
+from proxy.health import Lifecycle, readiness
+from proxy.store import StoreGuard, connect
+from proxy.usage.sink import MemorySink
 from tests.conftest import PEPPER, ConfigFactory
 from tests.fakes.stripe_fake import run_stripe_fake
 from tests.fakes.upstream import ScriptedUpstream
@@ -41,7 +46,7 @@ from tests.ops_support import (
     stripe_serve_stack,
     until,
 )
-from tests.proxy_harness import run_proxy
+from tests.proxy_harness import local_server, run_proxy
 from tests.redis_server import RedisServer
 from tests.rpc import ACCEPT, bearer, call
 
@@ -400,6 +405,10 @@ async def test_readyz_when_redis_stops(
     async with serve_app(config) as app, aiohttp.ClientSession() as http:
         status, body = await get_json(http, f"{app.base}/readyz")
         assert status == 200 and body["components"]["redis"] == "ok", body
+        # A tenant this replica knows: what fail_mode open can keep serving without Redis.
+        key = await app.tenant_with_key("acme")
+        async with http.post(app.url, json=call(1, "add"), headers=bearer(key)) as r:
+            assert r.status == 200
         private_redis.stop()
         for _ in range(3):  # enough failures to open the breaker
             status, body = await get_json(http, f"{app.base}/readyz")
@@ -414,6 +423,62 @@ async def test_readyz_when_redis_stops(
         text = await scrape(http, app.base)
         assert scraped(text, "mqp_redis_breaker_state") == 2  # open
         assert (scraped(text, "mqp_redis_errors_total") or 0) >= 3
+
+
+@pytest.mark.parametrize(
+    ("fail_mode", "knows_tenants", "ready", "state"),
+    [
+        ("open", True, True, "degraded"),
+        ("open", False, False, "down"),
+        ("closed", True, False, "down"),
+    ],
+)
+async def test_readiness_under_fail_open_needs_someone_to_serve(
+    make_config: ConfigFactory,
+    scripted: tuple[ScriptedUpstream, str],
+    fail_mode: str,
+    knows_tenants: bool,
+    ready: bool,
+    state: str,
+) -> None:
+    """fail_mode open serves known tenants while Redis is away; a replica that knows none
+    (a fresh start in the outage) would answer every request 503, so it is not ready."""
+    async with local_server(web.Application()) as gone:
+        pass  # closed again: nothing listens on its port now
+    port = gone.rsplit(":", 1)[1]
+    config = make_config(
+        upstream={"url": scripted[1]},
+        redis={"url": f"redis://127.0.0.1:{port}/0", "fail_mode": fail_mode, "timeout_ms": 200},
+    )
+    stores = connect(config.redis)
+    guard = StoreGuard(CircuitBreaker(3, 60.0, ManualClock().monotonic), timeout=0.2)
+    try:
+        got = await readiness(
+            config, stores, guard, MemorySink(), Lifecycle(), knows_tenants=knows_tenants
+        )
+    finally:
+        await stores.close()
+    assert got == (ready, {"redis": state, "upstream": "ok", "lifecycle": "serving"})
+
+
+async def test_a_cold_start_during_a_redis_outage_is_not_ready(
+    make_config: ConfigFactory, scripted: tuple[ScriptedUpstream, str], tmp_path: Path
+) -> None:
+    """The whole app, fail_mode open, Redis never reachable: it knows no tenant, so every call
+    would be refused; /readyz says so instead of drawing traffic."""
+    async with local_server(web.Application()) as gone:
+        pass  # closed again: nothing listens on its port now
+    port = gone.rsplit(":", 1)[1]
+    config = make_config(
+        upstream={"url": scripted[1]},
+        redis={"url": f"redis://127.0.0.1:{port}/0", "fail_mode": "open", "timeout_ms": 200},
+        spool={"path": str(tmp_path / "usage.db")},
+    )
+    async with serve_app(config) as app, aiohttp.ClientSession() as http:
+        status, body = await get_json(http, f"{app.base}/readyz")
+        assert (status, body["components"]["redis"]) == (503, "down"), body
+        async with http.post(app.url, json=call(1, "add"), headers=bearer("mqp_x_y")) as r:
+            assert r.status == 503  # what a ready answer would have sent traffic to
 
 
 # --- 5. SIGTERM during a streaming call -----------------------------------------------------

@@ -15,6 +15,7 @@ from proxy.auth import (
     extract_key,
     hash_key,
     key_id_of,
+    key_offered,
     keys_match,
     new_key,
 )
@@ -166,3 +167,37 @@ def test_extract_key_length_limit_for_x_api_key() -> None:
 def test_extract_key_without_credentials() -> None:
     assert extract_key(headers()) is None
     assert extract_key(headers(("Cookie", "key=tok"), ("X-Api-Token", "tok"))) is None
+
+
+# --- key_offered: "invalid API key" versus "API key required" -------------------------------
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        (("Authorization", "Bearer mqp_000000000000_unknown"),),
+        (("Authorization", "bearer tok"),),
+        (("Authorization", "Bearer " + "k" * (MAX_KEY_LEN + 1)),),  # offered, but unusable
+        (("Authorization", "Bearer caf\u00e9"),),
+        (("X-API-Key", "not-a-key"),),
+    ],
+    ids=["bearer", "lower-case-scheme", "too-long", "non-ascii", "x-api-key"],
+)
+def test_a_token_in_the_key_places_is_offered(pairs: tuple[tuple[str, str], ...]) -> None:
+    assert key_offered(headers(*pairs))
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        (),
+        (("Authorization", "Bearer "),),
+        (("Authorization", "Bearer"),),
+        (("Authorization", "Basic dXNlcjpwYXNz"),),  # another scheme: no key was offered
+        (("Authorization", "Token tok"), ("X-API-Key", "tok")),  # Authorization decides
+        (("X-API-Key", "  "),),
+    ],
+    ids=["nothing", "empty-bearer", "bare-bearer", "basic", "other-scheme-wins", "blank"],
+)
+def test_no_token_is_not_offered(pairs: tuple[tuple[str, str], ...]) -> None:
+    assert not key_offered(headers(*pairs))

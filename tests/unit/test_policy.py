@@ -19,6 +19,7 @@ from proxy.quota.policy import (
     iso,
     refusal_meta,
     refusal_text,
+    retry_after_ms,
 )
 
 UPGRADE = "https://example.com/upgrade"
@@ -255,7 +256,9 @@ def test_unavailable_refusal_text() -> None:
 
 def test_refusal_meta_fields() -> None:
     meta = refusal_meta(
-        decision(Outcome.REFUSED_RATE, used=7, limit=100, retry_after_ms=250), UPGRADE
+        decision(Outcome.REFUSED_RATE, used=7, limit=100, retry_after_ms=250),
+        UPGRADE,
+        ts(2026, 1, 15),
     )
     assert meta == {
         "reason": "refused_rate",
@@ -271,7 +274,37 @@ def test_refusal_meta_fields() -> None:
 
 
 def test_refusal_meta_without_upgrade_url_is_none() -> None:
-    meta = refusal_meta(decision(Outcome.REFUSED_QUOTA, limit=None), "")
+    meta = refusal_meta(decision(Outcome.REFUSED_QUOTA, limit=None), "", ts(2026, 1, 15))
     assert meta["upgrade_url"] is None
     assert meta["reason"] == "refused_quota"
     assert meta["limit"] is None
+
+
+def test_quota_refusal_meta_waits_until_the_period_resets() -> None:
+    # 90.25 s before the reset the text names; retry_after_ms = 0 would read "retry now".
+    now = JAN_2026.end - 90.25
+    refused = decision(Outcome.REFUSED_QUOTA)  # as the engine makes it: retry_after_ms 0
+    meta = refusal_meta(refused, UPGRADE, now)
+    assert meta["retry_after_ms"] == 90_250
+    assert meta["resets_at"] == "2026-02-01T00:00:00Z"
+    assert "Do not retry before 2026-02-01T00:00:00Z" in refusal_text(refused, UPGRADE)
+
+
+def test_quota_retry_after_spans_the_whole_remaining_period() -> None:
+    assert retry_after_ms(decision(Outcome.REFUSED_QUOTA), JAN_2026.start) == 31 * 86_400_000
+
+
+def test_quota_retry_after_rounds_up_and_is_never_zero() -> None:
+    assert retry_after_ms(decision(Outcome.REFUSED_QUOTA), JAN_2026.end - 0.0001) == 1
+    assert retry_after_ms(decision(Outcome.REFUSED_QUOTA), JAN_2026.end) == 1
+
+
+def test_rate_retry_after_is_the_limiters() -> None:
+    refused = decision(Outcome.REFUSED_RATE, retry_after_ms=1500)
+    assert retry_after_ms(refused, JAN_2026.start) == 1500
+
+
+def test_unavailable_retry_after_matches_its_text() -> None:
+    refused = decision(Outcome.UNAVAILABLE)
+    assert retry_after_ms(refused, JAN_2026.start) == 60_000
+    assert "Retry in a minute" in refusal_text(refused, "")
