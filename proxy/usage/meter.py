@@ -52,10 +52,21 @@ def classify(exc: stripe.StripeError) -> SendResult:
     if isinstance(exc, stripe.InvalidRequestError):
         if "already exists" in message and exc.http_status == 400:
             return SendResult(Outcome.DUPLICATE, message)
+        if exc.code == "timestamp_in_future":
+            # This host's clock runs ahead of Stripe's: the stamp becomes valid as time passes.
+            return SendResult(Outcome.RETRY, message, "clock_ahead")
         return SendResult(Outcome.REJECTED, message, "invalid_request")
     if isinstance(exc, stripe.IdempotencyError):
         return SendResult(Outcome.REJECTED, message, "idempotency")
     return SendResult(Outcome.RETRY, message, "api_error")
+
+
+def idempotency_key(group: Group) -> str:
+    """One key per attempt. Stripe saves a 500 under its key and replays it for ~24 h, so a
+    key reused across attempts would turn one server error into a day without billing. The
+    identifier is what dedups a re-send; a re-send after a crash, before its attempt was
+    counted, reuses the key and gets the saved answer, which is as good."""
+    return f"{group.identifier}-a{group.attempts}"
 
 
 class StripeMeterClient:
@@ -81,7 +92,7 @@ class StripeMeterClient:
                     "identifier": group.identifier,
                     "timestamp": group.timestamp,
                 },
-                {"idempotency_key": group.identifier},
+                {"idempotency_key": idempotency_key(group)},
             )
         except stripe.StripeError as exc:
             return classify(exc)

@@ -370,7 +370,7 @@ class AcceptedEvent:
     cancelled: bool = False
 
 
-FaultKind = Literal["status_500", "status_429", "timeout", "drop", "accept_then_drop"]
+FaultKind = Literal["status_500", "saved_500", "status_429", "timeout", "drop", "accept_then_drop"]
 
 
 @dataclass
@@ -382,6 +382,10 @@ class Fault:
     (``None``: until :meth:`StripeFake.clear_faults`). Kinds:
 
     - ``status_500``: 500 ``api_error``, no ``Stripe-Should-Retry`` header; nothing processed.
+    - ``saved_500``: the request passes validation, then the endpoint fails with a 500;
+      nothing processed, but as on Stripe the 500 is saved under the request's idempotency key
+      and replayed to every retry with that key until the key expires (~24 h,
+      :meth:`StripeFake.forget_idempotency_keys`).
     - ``status_429``: 429 rate limit; nothing processed.
     - ``timeout``: hold the request ``seconds`` (or until the fake stops), then drop it.
     - ``drop``: drop the connection at once; nothing processed.
@@ -438,6 +442,14 @@ class Route:
 
 LIST_PARAMS = ("limit", "starting_after", "ending_before")
 METADATA = ("metadata", "metadata[*]")
+
+
+class _EndpointFailure(StripeError):
+    """A 500 from inside an endpoint, after validation: idempotency saves it."""
+
+
+async def _endpoint_failure(call: Call) -> Obj:
+    raise _EndpointFailure(500, "An unknown error occurred (injected fault).", type_="api_error")
 
 
 @dataclass
@@ -685,7 +697,8 @@ class StripeFake:
                     "https://stripe.com/docs/rate-limits."
                 )
                 return self._respond(request, 429, error.body(), {})
-        status, body, headers = await self._serve(request)
+        fail = fault is not None and fault.kind == "saved_500"
+        status, body, headers = await self._serve(request, fail_in_endpoint=fail)
         if fault is not None and fault.kind == "accept_then_drop":
             return self._drop(request)
         return self._respond(request, status, body, headers)
@@ -727,8 +740,11 @@ class StripeFake:
             out["Idempotency-Key"] = idempotency_key
         return web.Response(status=status, body=raw, content_type="application/json", headers=out)
 
-    async def _serve(self, request: web.Request) -> tuple[int, Obj | bytes, dict[str, str]]:
-        """Authenticate, route, decode, apply idempotency, run the handler.
+    async def _serve(
+        self, request: web.Request, *, fail_in_endpoint: bool = False
+    ) -> tuple[int, Obj | bytes, dict[str, str]]:
+        """Authenticate, route, decode, apply idempotency, run the handler (or, with
+        `fail_in_endpoint`, fail inside it with a 500 that idempotency saves).
 
         Every StripeError becomes its JSON answer here, in one place."""
         try:
@@ -751,10 +767,11 @@ class StripeFake:
                         f"This Stripe fake cannot expand {item!r} on {request.path}.", "expand"
                     )
             call = Call(request.method, request.path, args, params, expand)
+            handler = _endpoint_failure if fail_in_endpoint else route.handler
             key = request.headers.get("Idempotency-Key") if request.method == "POST" else None
             if key is None:
-                return 200, await route.handler(call), {}
-            return await self._idempotent(api_key, key, call, form, route.handler)
+                return 200, await handler(call), {}
+            return await self._idempotent(api_key, key, call, form, handler)
         except StripeError as exc:
             return exc.status, exc.body(), exc.headers
         except Exception as exc:  # a bug in the fake: make it loud, not a silent 500 page
@@ -795,11 +812,15 @@ class StripeFake:
             result = await handler(call)
             record.status, record.body = 200, json.dumps(result, indent=2).encode()
             saved = True
+        except _EndpointFailure as exc:
+            # The endpoint had started: Stripe saves its 500 like any result and replays it.
+            record.status, record.body = exc.status, json.dumps(exc.body(), indent=2).encode()
+            saved = True
         finally:
             # Stripe saves no result for a request that failed validation: a retry re-runs it.
             if not saved:
                 del self._idempotency[slot]
-        return 200, record.body, {}
+        return record.status, record.body, {}
 
     def _authenticate(self, request: web.Request) -> str:
         header = request.headers.get("Authorization", "")

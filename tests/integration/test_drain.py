@@ -135,6 +135,22 @@ async def test_a_resend_after_stripe_forgot_its_idempotency_key_counts_as_delive
     assert (backlog.unreported, backlog.rejected_groups) == (0, 0)
 
 
+async def test_a_500_saved_under_an_idempotency_key_does_not_block_the_next_attempt(
+    rig: Rig,
+) -> None:
+    """Stripe replays a saved 500 to every retry with the same idempotency key for ~24 h:
+    the next attempt must go out under a new key, and the identifier still dedups."""
+    a = rig.customers[0]
+    for _ in range(3):
+        await rig.append(a)
+    rig.fake.inject(Fault("POST /v1/billing/meter_events", "saved_500"))
+    assert (await rig.drainer.cycle()).retries == 1
+    second = await rig.drainer.cycle()
+    assert (second.sent, second.retries, second.rejected) == (1, 0, 0)
+    assert rig.fake.total(a) == 3
+    assert (await rig.spool.backlog()).unreported == 0
+
+
 @pytest.mark.parametrize("stripe_forgot_keys", [False, True])
 async def test_usage_after_retention_pruned_every_batch_is_billed(
     rig: Rig, stripe_forgot_keys: bool

@@ -24,6 +24,26 @@ from proxy.usage.meter import Outcome, classify
             "invalid_request",
         ),
         (
+            stripe.InvalidRequestError(
+                "The timestamp must be no more than 5 minutes in the future.",
+                "timestamp",
+                "timestamp_in_future",
+                http_status=400,
+            ),
+            Outcome.RETRY,
+            "clock_ahead",
+        ),
+        (
+            stripe.InvalidRequestError(
+                "The timestamp must be within the past 35 calendar days.",
+                "timestamp",
+                "timestamp_too_far_in_past",
+                http_status=400,
+            ),
+            Outcome.REJECTED,
+            "invalid_request",
+        ),
+        (
             stripe.RateLimitError("Too many requests.", http_status=429),
             Outcome.RETRY,
             "rate_limited",
