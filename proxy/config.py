@@ -24,6 +24,7 @@ ENV_STRIPE_API_BASE = "STRIPE_API_BASE"
 MEMORY_URL = "memory://"
 MIN_PEPPER_LEN = 16
 MAX_PORT = 65535
+MAX_BATCH = 100_000  # events per drain batch
 
 
 class ConfigError(ValueError):
@@ -623,7 +624,8 @@ def _drain(top: _Reader) -> DrainConfig:
     return DrainConfig(
         embedded=r.boolean("embedded", True),
         interval_s=r.number("interval_s", 5.0, minimum=0.05),
-        max_batch=r.required_int("max_batch", 10_000, minimum=1),
+        # With MAX_TOKENS_PER_CALL, keeps a token meter event within Stripe's 15 digits.
+        max_batch=r.required_int("max_batch", 10_000, minimum=1, maximum=MAX_BATCH),
         max_calls_per_second=per_second,
         age_alarm_days=alarm,
     )

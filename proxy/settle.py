@@ -28,14 +28,21 @@ class PendingCall:
     billed: bool = False  # the plan is billed through Stripe
 
 
+# Stripe refuses a meter event value of more than 15 significant digits: a batch of at most
+# MAX_BATCH calls of at most this many tokens each stays below 10**14. A larger count is an
+# upstream's mistake, and would not even fit the spool's 64-bit column.
+MAX_TOKENS_PER_CALL = 10**9
+
+
 def token_count(message: dict[str, Any], meta_key: str) -> int | None:
-    """A whole, non-negative token count at result._meta[meta_key], else None (pure)."""
+    """A whole token count from 0 to MAX_TOKENS_PER_CALL at result._meta[meta_key], else
+    None (pure)."""
     if not meta_key:
         return None
     result = message.get("result")
     meta = result.get("_meta") if isinstance(result, dict) else None
     value = meta.get(meta_key) if isinstance(meta, dict) else None
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS_PER_CALL:
         return value
     return None
 

@@ -191,6 +191,20 @@ async def test_updated_before_created_keeps_the_newer_state(proxy: RunningProxy)
     assert t.status == "past_due" and t.past_due_since == 200
 
 
+async def test_created_incomplete_after_updated_active_in_the_same_second_is_stale(
+    proxy: RunningProxy,
+) -> None:
+    """Checkout: created (incomplete) and updated (active) share a second, and Stripe may
+    deliver them in either order; the tenant must end up active either way."""
+    async with aiohttp.ClientSession() as http:
+        active = event("evt_u", "customer.subscription.updated", 100, subscription("active"))
+        first = event("evt_c", "customer.subscription.created", 100, subscription("incomplete"))
+        assert (await deliver(http, proxy, active))[1]["result"] == "applied"
+        assert (await deliver(http, proxy, first))[1]["result"] == "stale"
+    t = await _tenant(proxy)
+    assert (t.status, t.plan) == ("active", "pro")
+
+
 async def test_deleted_then_stale_updated_stays_canceled(proxy: RunningProxy) -> None:
     async with aiohttp.ClientSession() as http:
         for body in (

@@ -348,6 +348,12 @@ def test_listen_port_above_65535_is_refused(port: int) -> None:
     assert message == f"listen.port: expected a whole number from 0 to 65535, got {port}"
 
 
+def test_drain_max_batch_is_bounded_by_stripes_value_digits() -> None:
+    assert parse_config({"drain": {"max_batch": 100_000}}, {}).drain.max_batch == 100_000
+    message = config_error({"drain": {"max_batch": 100_001}})
+    assert message == "drain.max_batch: expected a whole number from 1 to 100000, got 100001"
+
+
 @pytest.mark.parametrize(
     ("data", "env", "key", "address"),
     [

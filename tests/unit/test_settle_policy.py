@@ -1,4 +1,5 @@
-"""Tests for proxy.settle.billable: which final responses are charged."""
+"""Tests for proxy.settle.billable and token_count: which final responses are charged, and for
+how many tokens."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from proxy.settle import billable
+from proxy.config import MAX_BATCH
+from proxy.settle import MAX_TOKENS_PER_CALL, billable, token_count
 
 
 def response(**fields: Any) -> dict[str, Any]:
@@ -65,3 +67,26 @@ def test_non_dict_result_is_billed(result: Any) -> None:
 def test_error_wins_over_result() -> None:
     msg = response(result={"content": []}, error={"code": 1, "message": "x"})
     assert billable(msg, True) == (False, "rpc_error")
+
+
+@pytest.mark.parametrize(
+    ("value", "tokens"),
+    [
+        (0, 0),
+        (1234, 1234),
+        (MAX_TOKENS_PER_CALL, MAX_TOKENS_PER_CALL),
+        (MAX_TOKENS_PER_CALL + 1, None),  # an upstream's mistake: Stripe would refuse the sum
+        (2**64, None),  # would not fit the spool's column
+        (-1, None),
+        (True, None),
+        (12.5, None),
+        ("12", None),
+    ],
+)
+def test_token_count_is_a_bounded_whole_number(value: Any, tokens: int | None) -> None:
+    message = response(result={"content": [], "_meta": {"tokens": value}})
+    assert token_count(message, "tokens") == tokens
+
+
+def test_a_full_batch_of_maximal_token_counts_fits_stripes_fifteen_digits() -> None:
+    assert len(str(MAX_BATCH * MAX_TOKENS_PER_CALL)) <= 15

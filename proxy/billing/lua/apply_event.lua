@@ -15,6 +15,17 @@ if sub ~= '' then
   if redis.call('HEXISTS', KEYS[1], 'sub_done:' .. sub) == 1 then return 'stale' end
   local mark = tonumber(redis.call('HGET', KEYS[1], 'sub_wm:' .. sub) or '0')
   if created < mark then return 'stale' end
+  -- `created` has one-second resolution and delivery order is not guaranteed: within the
+  -- same second, 'incomplete' is the older state, as a subscription never returns to it
+  -- (its .created event can arrive after the .updated that activated it).
+  if created == mark and mode == 'subscription' then
+    local incoming = ''
+    for i = 9, #ARGV, 2 do if ARGV[i] == 'status' then incoming = ARGV[i + 1] end end
+    local recorded = redis.call('HMGET', KEYS[1], 'subscription_id', 'status')
+    if incoming == 'incomplete' and recorded[1] == sub and recorded[2] ~= 'incomplete' then
+      return 'stale'
+    end
+  end
   redis.call('HSET', KEYS[1], 'sub_wm:' .. sub, created)
   if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'sub_done:' .. sub, created) end
 end
