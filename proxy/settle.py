@@ -106,6 +106,7 @@ class Settler:
                 degraded=call.reservation is None,
                 tokens=token_count(message, self._token_meta_key),
                 billable=call.billed and call.tenant.stripe_customer is not None,
+                period_end=call.decision.period.end,
             )
         )
         return True, outcome

@@ -22,6 +22,9 @@ class UsageEvent:
     degraded: bool  # decided without the quota store (fail_mode open)
     tokens: int | None = None
     billable: bool = False  # has a Stripe customer and a billed plan: the drainer sends it
+    # End (exclusive, epoch s) of the quota period the call was counted in: its meter event
+    # must land in that billing period too. None: unknown (events spooled before it existed).
+    period_end: int | None = None
 
 
 class UsageSink(Protocol):

@@ -105,12 +105,17 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE batches_v3 RENAME TO batches;
     UPDATE meta SET value = lower(hex(randomblob(6))) WHERE key = 'spool_id';
     """,
+    # 4: the end of the quota period each call was counted in, so that one meter event never
+    # carries usage of two billing periods (its timestamp decides the invoice).
+    """
+    ALTER TABLE events ADD COLUMN period_end INTEGER;
+    """,
 )
 
 INSERT_EVENT = """
     INSERT INTO events (ts, tenant_id, stripe_customer, plan, method, tool, units, tokens,
-        request_id, rpc_id, session_id, replica_id, outcome, degraded, billable)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+        request_id, rpc_id, session_id, replica_id, outcome, degraded, billable, period_end)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 MAX_GROUP_COMMIT = 1024
 # Inline commits between checkpoints: ~1,000 WAL pages (SQLite's own autocheckpoint), as a
@@ -190,6 +195,7 @@ def row_of(event: UsageEvent, replica_id: str) -> tuple[object, ...]:
         event.outcome,
         int(event.degraded),
         int(event.billable),
+        event.period_end,
     )
 
 
@@ -199,6 +205,13 @@ def identifier_for(spool_id: str, batch_id: int, customer: str, event_name: str)
     file, so a replica that restarts with a fresh spool can never reuse an old identifier."""
     digest = hashlib.sha256(f"{customer}\x00{event_name}".encode()).hexdigest()[:20]
     return f"mqp-{spool_id}-{batch_id}-{digest}"
+
+
+def meter_timestamp(newest: float, period_end: int | None) -> int:
+    """A group's meter-event timestamp: its newest call, but inside the quota period its calls
+    were counted in (a call reserved before the period ended may settle just after)."""
+    stamp = int(newest)
+    return stamp if period_end is None else min(stamp, period_end - 1)
 
 
 class Spool:
@@ -397,9 +410,17 @@ class Spool:
             cur = await db.execute("INSERT INTO batches (created_at) VALUES (?)", (now,))
             batch_id = cur.lastrowid
             assert batch_id is not None
+            # The oldest unclaimed events, but of each customer only those of its earliest
+            # period among them: the rest wait for the next batch. (The WITH goes inside: the
+            # sqlite3 module reports no rowcount for a statement that starts with one.)
             cur = await db.execute(
-                "UPDATE events SET batch_id = ? WHERE id IN (SELECT id FROM events "
-                "WHERE batch_id IS NULL AND billable = 1 ORDER BY id LIMIT ?)",
+                "UPDATE events SET batch_id = ? WHERE id IN ("
+                "WITH picked AS (SELECT id, stripe_customer, COALESCE(period_end, 0) AS p "
+                "FROM events WHERE batch_id IS NULL AND billable = 1 ORDER BY id LIMIT ?), "
+                "first AS (SELECT stripe_customer, MIN(p) AS p FROM picked "
+                "GROUP BY stripe_customer) "
+                "SELECT picked.id FROM picked JOIN first "
+                "ON first.stripe_customer IS picked.stripe_customer AND first.p = picked.p)",
                 (batch_id, max_events),
             )
             if cur.rowcount == 0:
@@ -409,11 +430,11 @@ class Spool:
                 if column not in ("units", "tokens"):  # interpolated below: a fixed set only
                     raise ValueError(f"cannot meter column {column!r}")
                 rows = await db.execute_fetchall(
-                    f"SELECT stripe_customer, SUM({column}), MAX(ts) FROM events "
-                    "WHERE batch_id = ? GROUP BY stripe_customer",
+                    f"SELECT stripe_customer, SUM({column}), MAX(ts), MAX(period_end) "
+                    "FROM events WHERE batch_id = ? GROUP BY stripe_customer",
                     (batch_id,),
                 )
-                for customer, total, newest in rows:
+                for customer, total, newest, period_end in rows:
                     await db.execute(
                         "INSERT INTO batch_groups (batch_id, stripe_customer, event_name, value, "
                         "timestamp, identifier, state) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -422,7 +443,7 @@ class Spool:
                             customer,
                             event_name,
                             int(total or 0),
-                            int(newest),
+                            meter_timestamp(newest, period_end),
                             identifier_for(self.spool_id, batch_id, customer, event_name),
                             "pending" if total else "sent",  # nothing to bill: done
                         ),

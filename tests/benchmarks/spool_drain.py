@@ -84,6 +84,7 @@ def make_events(count: int, customers: Sequence[str], seed: int) -> list[UsageEv
                 outcome="ok",
                 degraded=False,
                 billable=True,
+                period_end=int(now) + 86_400,  # one quota period, as in a normal hour
             )
         )
     return events

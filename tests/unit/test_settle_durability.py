@@ -52,7 +52,7 @@ async def test_final_waits_for_the_sink_before_it_returns() -> None:
     settled = asyncio.create_task(settler.final(call, {"jsonrpc": "2.0", "id": 1, "result": {}}))
     for _ in range(50):  # every step final() can take without the sink: none may finish it
         await asyncio.sleep(0)
-    assert [e.rpc_id for e in sink.events] == ["1"]
+    assert [(e.rpc_id, e.period_end) for e in sink.events] == [("1", 1)]  # the quota period's
     assert not settled.done(), "final() returned before the usage event was durable"
     sink.durable.set()
     assert await settled == (True, "ok")

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from proxy.usage.sink import UsageEvent
-from proxy.usage.spool import MIGRATIONS, Spool, SpoolError, identifier_for
+from proxy.usage.spool import MIGRATIONS, Spool, SpoolError, identifier_for, meter_timestamp
 
 METERS = [("mcp_tool_calls", "units"), ("mcp_tokens", "tokens")]
 T0 = 1_767_225_600.0
@@ -25,6 +25,7 @@ def event(
     tokens: int | None = None,
     billable: bool = True,
     ts: float = T0,
+    period_end: int | None = None,
 ) -> UsageEvent:
     return UsageEvent(
         tenant_id=tenant,
@@ -41,6 +42,7 @@ def event(
         degraded=False,
         tokens=tokens,
         billable=billable,
+        period_end=period_end,
     )
 
 
@@ -277,6 +279,38 @@ async def test_claim_aggregates_per_customer_and_meter(spool: Spool) -> None:
     assert await spool.claim_batch(T0 + 10, 100, METERS) is None  # nothing left to claim
     backlog = await spool.backlog()
     assert (backlog.unreported, backlog.unbillable) == (3, 1)
+
+
+async def test_a_meter_event_never_carries_two_periods_usage(spool: Spool) -> None:
+    """Its timestamp decides the invoice: calls counted in the period ending at END are sent
+    stamped inside it, and the next period's calls of that customer wait for the next batch,
+    while other customers' calls still go in this one."""
+    end = int(T0) + 100
+    await spool.append(event(ts=end - 10, period_end=end))
+    await spool.append(event(ts=end + 0.4, period_end=end))  # reserved before END, settled after
+    await spool.append(event(customer="cus_B", ts=end + 5, period_end=end + 3600))
+    await spool.append(event(ts=end + 2, period_end=end + 3600))
+    await spool.append(event(ts=end - 5, period_end=end))
+    stamps = []
+    while await spool.claim_batch(T0 + 200, 100, METERS) is not None:
+        groups = await spool.open_groups()
+        stamps.append(sorted((g.stripe_customer, g.value, g.timestamp) for g in groups))
+        for g in groups:
+            await spool.mark_group(g, state="sent", now=T0 + 200)
+    assert stamps == [
+        [("cus_A", 3, end - 1), ("cus_B", 1, end + 5)],
+        [("cus_A", 1, end + 2)],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("newest", "period_end", "stamp"),
+    [(T0 + 5.9, None, T0 + 5), (T0 + 5.9, int(T0) + 10, T0 + 5), (T0 + 10.2, int(T0) + 10, T0 + 9)],
+)
+def test_meter_timestamp_stays_inside_the_period(
+    newest: float, period_end: int | None, stamp: float
+) -> None:
+    assert meter_timestamp(newest, period_end) == int(stamp)
 
 
 async def test_zero_token_groups_need_no_call(spool: Spool) -> None:
