@@ -271,7 +271,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from .billing.reconcile import reconcile, render
+    from .billing.reconcile import reconcile, render, worst_drift
     from .billing.stripe_client import make_client
     from .usage.runner import open_spool
 
@@ -289,7 +289,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         finally:
             await http.close_async()  # type: ignore[no-untyped-call]
             await spool.close()
-        worst = max((abs(r.drift) for r in rows), default=0)
+        worst = worst_drift(rows, shared=args.shared)
         return render(rows)
 
     with _spool_errors(config):
@@ -442,6 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--period", help="YYYY-MM (default: this month, UTC)")
     p.add_argument("--tolerance", type=int, default=0, help="allowed drift in units (default 0)")
+    p.add_argument(
+        "--shared",
+        action="store_true",
+        help="other replicas report to the same customers: only Stripe falling short of this "
+        "spool is drift (Stripe also holds their usage)",
+    )
     p.set_defaults(func=cmd_reconcile)
 
     p = verbs.add_parser(

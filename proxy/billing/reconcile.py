@@ -53,6 +53,12 @@ async def reconcile(client: stripe.StripeClient, spool: Spool, start: int, end: 
     return rows
 
 
+def worst_drift(rows: list[Drift], *, shared: bool) -> int:
+    """The largest drift that counts (pure). With `shared`, Stripe's totals also hold other
+    replicas' usage, so only Stripe falling short of this spool is a loss."""
+    return max(((-r.drift if shared else abs(r.drift)) for r in rows), default=0)
+
+
 def render(rows: list[Drift]) -> str:
     if not rows:
         return "nothing reported in this period"

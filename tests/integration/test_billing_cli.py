@@ -15,7 +15,7 @@ from proxy.usage.drainer import Drainer
 from proxy.usage.meter import StripeMeterClient
 from proxy.usage.sink import UsageEvent
 from proxy.usage.spool import Spool
-from tests.fakes.stripe_fake import run_stripe_fake
+from tests.fakes.stripe_fake import StripeFake, run_stripe_fake
 
 KEY = "sk_test_cli_0123456789"
 
@@ -129,6 +129,64 @@ async def test_reconcile_zero_drift_then_exact_drift(tmp_path: Path) -> None:
         assert code == 0
         code, _, err = await _cli(env, "reconcile", "--period", "November")
         assert code == 2 and "expected YYYY-MM" in err
+
+
+async def _report(fake: StripeFake, path: Path, replica: str, counts: dict[str, int]) -> None:
+    """Spool `counts` calls per customer in a spool of its own and drain it to the fake."""
+    spool = Spool(path, synchronous="normal", replica_id=replica)
+    await spool.open()
+    client = StripeMeterClient(KEY, fake.url)
+    drainer = Drainer(
+        spool,
+        client,
+        drain=DrainConfig(),
+        billing=BillingConfig(),
+        spool_config=SpoolConfig(),
+        clock=SystemClock(),
+    )
+    try:
+        for customer, n in counts.items():
+            for _ in range(n):
+                await spool.append(
+                    UsageEvent(
+                        tenant_id="t",
+                        stripe_customer=customer,
+                        plan="pro",
+                        method="tools/call",
+                        tool="add",
+                        units=1,
+                        timestamp=fake.now(),
+                        request_id="r",
+                        rpc_id="1",
+                        session_id=None,
+                        outcome="ok",
+                        degraded=False,
+                        billable=True,
+                    )
+                )
+        assert (await drainer.cycle()).sent == len(counts)
+    finally:
+        await client.close()
+        await spool.close()
+
+
+async def test_reconcile_shared_counts_only_a_shortfall(tmp_path: Path) -> None:
+    """Two replicas bill one customer: each spool holds part of Stripe's total. --shared
+    passes that, and still catches usage Stripe lost."""
+    async with run_stripe_fake() as fake:
+        env = _env(tmp_path, fake.url)
+        fake.add_meter("mcp_tool_calls")
+        a = fake.add_customer(name="a")["id"]
+        await _report(fake, tmp_path / "usage.db", "pod-a", {a: 5})  # the one reconciled
+        await _report(fake, tmp_path / "other.db", "pod-b", {a: 3})
+        code, out, _ = await _cli(env, "reconcile")
+        assert code == 1 and f"{5:>10} {8:>10} {3:>+8}" in out
+        code, out, err = await _cli(env, "reconcile", "--shared")
+        assert code == 0, out + err
+        ours = next(e for e in fake.meter_events if e.value == 5)  # pod-b's was 3
+        fake.lose_event(ours.identifier)
+        code, out, err = await _cli(env, "reconcile", "--shared")
+        assert (code, f"{8 - ours.value:>10}" in out) == (1, True), out + err
 
 
 async def test_usage_shows_the_local_ledger(tmp_path: Path) -> None:
