@@ -290,23 +290,34 @@ class Spool:
             self._db = None
 
     async def _migrate(self) -> None:
+        """Bring the schema up to date and read the spool id in one write transaction: a
+        proxy and a drainer starting together on one file must not both run a migration."""
         db = self.db
-        version = (await (await db.execute("PRAGMA user_version")).fetchone() or (0,))[0]
-        if version > len(MIGRATIONS):
-            raise SpoolError(
-                f"the spool {self._path} has schema {version}, newer than this version's "
-                f"{len(MIGRATIONS)}: run a newer mcp-quota-proxy, or point spool.path elsewhere"
-            )
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            await db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version={number};\nCOMMIT;")
-        row = await (await db.execute("SELECT value FROM meta WHERE key='spool_id'")).fetchone()
-        if row is None:
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            version = (await (await db.execute("PRAGMA user_version")).fetchone() or (0,))[0]
+            if version > len(MIGRATIONS):
+                raise SpoolError(
+                    f"the spool {self._path} has schema {version}, newer than this version's "
+                    f"{len(MIGRATIONS)}: run a newer mcp-quota-proxy, or point spool.path "
+                    "elsewhere"
+                )
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in script.split(";"):  # DDL only: no ';' inside a statement
+                    if statement.strip():
+                        await db.execute(statement)
+                await db.execute(f"PRAGMA user_version={number}")
             await db.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('spool_id', ?)",
                 (secrets.token_hex(6),),
             )
-            await db.commit()
-            row = await (await db.execute("SELECT value FROM meta WHERE key='spool_id'")).fetchone()
+            cur = await db.execute("SELECT value FROM meta WHERE key='spool_id'")
+            row = await cur.fetchone()
+            await db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await db.execute("ROLLBACK")
+            raise
         assert row is not None
         self.spool_id = str(row[0])
 

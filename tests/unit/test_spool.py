@@ -203,6 +203,18 @@ async def test_reopening_keeps_spool_id_and_rows(tmp_path: Path) -> None:
         await second.close()
 
 
+async def test_processes_opening_a_new_spool_together_agree_on_it(tmp_path: Path) -> None:
+    """A proxy and its drainer (or a drain sidecar) may open a fresh file at once: one of
+    them migrates it, and both see the same spool id."""
+    spools = [Spool(tmp_path / "u.db", synchronous="normal", replica_id="p") for _ in range(4)]
+    try:
+        await asyncio.gather(*(s.open() for s in spools))
+        assert len({s.spool_id for s in spools}) == 1
+    finally:
+        for s in spools:
+            await s.close()
+
+
 async def test_migrating_a_v2_spool_keeps_pending_identifiers_and_renews_the_rest(
     tmp_path: Path,
 ) -> None:
