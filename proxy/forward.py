@@ -188,7 +188,6 @@ class McpProxy:
                 "Use POST, GET or DELETE on this endpoint.",
                 headers={"Allow": "GET, POST, DELETE, OPTIONS", **cors},
             )
-        rpc_id = reply_id(parsed)
         if session_id is not None:
             # Checked once the body is parsed, so the answer carries the request's id; and
             # before gating, so a foreign session never reserves anything.
@@ -198,7 +197,7 @@ class McpProxy:
                     404,
                     SESSION_FORBIDDEN,
                     "Session not found for this API key; start a new session (initialize).",
-                    rpc_id,
+                    reply_id(parsed),
                     cors,
                 )
         if parsed is not None:
@@ -233,7 +232,7 @@ class McpProxy:
             cors,
             initialize=initialize,
             hidden=plan.hidden_tools,
-            rpc_id=rpc_id,
+            parsed=parsed,
         )
 
     async def _answer_here(
@@ -269,7 +268,7 @@ class McpProxy:
         *,
         initialize: bool,
         hidden: frozenset[str],
-        rpc_id: RpcId | None,
+        parsed: Body | None,
     ) -> web.StreamResponse:
         request_id = ctx.request_id
         outstanding = dict(gated.pending)
@@ -296,7 +295,7 @@ class McpProxy:
                     502,
                     UPSTREAM_UNAVAILABLE,
                     "The MCP server behind this proxy is unreachable; retry shortly.",
-                    rpc_id,
+                    reply_id(parsed),
                     cors,
                 )
             try:
@@ -330,7 +329,7 @@ class McpProxy:
                             502,
                             UPSTREAM_UNAVAILABLE,
                             "The MCP server's reply broke off or was too large; retry shortly.",
-                            rpc_id,
+                            reply_id(parsed),
                             cors,
                         )
                     if outstanding:

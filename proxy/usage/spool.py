@@ -260,15 +260,15 @@ class Spool:
             # Proxy and drainer are two processes on one file: wait for the other's lock.
             await self._db.execute("PRAGMA busy_timeout=10000")
             await self._migrate()
-        except (OSError, sqlite3.Error, SpoolError) as exc:
+        except BaseException as exc:
             # Close the connection: its thread would otherwise keep the process alive.
             if self._db is not None:
                 with contextlib.suppress(Exception):
                     await self._db.close()
                 self._db = None
-            if isinstance(exc, SpoolError):
-                raise
-            raise SpoolError(f"cannot open the spool {self._path}: {exc}") from exc
+            if isinstance(exc, OSError | sqlite3.Error):
+                raise SpoolError(f"cannot open the spool {self._path}: {exc}") from exc
+            raise
         self._open = True
 
     async def close(self) -> None:
@@ -303,7 +303,7 @@ class Spool:
                     "elsewhere"
                 )
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in script.split(";"):  # DDL only: no ';' inside a statement
+                for statement in script.split(";"):  # none of them holds a ';' of its own
                     if statement.strip():
                         await db.execute(statement)
                 await db.execute(f"PRAGMA user_version={number}")
